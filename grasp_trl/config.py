@@ -1,0 +1,116 @@
+"""`GraspArguments`: the `grasp_*` configuration keys (DESIGN §4), shared by the TRL configs and Axolotl.
+
+One dataclass, one validation function: `GraspSFTConfig`/`GraspDPOConfig` inherit the fields, and the
+Axolotl plugin's pydantic model calls `validate_grasp_fields` on the same values, so both front ends accept
+and reject exactly the same things with the same messages.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .projection import PROJECTIONS, READER_LAYERS, SIDES
+
+SCOPES = ("per_layer", "global")
+DIRECTIONS_FILENAME = "grasp_directions.safetensors"
+STAGE1_DIRNAME = "grasp_stage1"
+
+
+def validate_grasp_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """Check and normalise the `grasp_*` values; raise ValueError naming the key, the expectation and the value.
+
+    Returns the values with `grasp_target_modules` parsed from JSON and `grasp_layers` as a sorted list.
+    """
+    def choice(key, allowed):
+        value = values.get(key)
+        if value not in allowed:
+            raise ValueError(f"{key}: expected one of {', '.join(allowed)}; found {value!r}")
+
+    choice("grasp_scope", SCOPES)
+    choice("grasp_projection", PROJECTIONS)
+    choice("grasp_sides", SIDES)
+    choice("grasp_reader_layer", READER_LAYERS)
+    steps = values.get("grasp_identify_steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
+        raise ValueError(f"grasp_identify_steps: expected a positive number of steps; found {steps!r}")
+    k = values.get("grasp_num_directions")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"grasp_num_directions: expected a positive integer; found {k!r}")
+    energy = values.get("grasp_energy")
+    if energy is not None and not (isinstance(energy, (int, float)) and 0 < energy <= 1):
+        raise ValueError(f"grasp_energy: expected a fraction in (0, 1]; found {energy!r}")
+    layers = values.get("grasp_layers")
+    if layers is not None:
+        if isinstance(layers, int) or not all(isinstance(l, int) and not isinstance(l, bool) and l >= 0
+                                              for l in layers):
+            raise ValueError(f"grasp_layers: expected a list of non-negative layer indices; found {layers!r}")
+        values["grasp_layers"] = sorted(set(layers))
+    modules = values.get("grasp_target_modules")
+    if isinstance(modules, str):
+        try:
+            modules = json.loads(modules)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"grasp_target_modules: expected a JSON object like "
+                             f"{{\"my_out\": \"write\"}}; found {modules!r} ({exc})") from exc
+    if modules is not None:
+        if not isinstance(modules, dict) or any(v not in ("write", "read") for v in modules.values()):
+            raise ValueError(f"grasp_target_modules: expected a mapping of module name -> 'write' or 'read'; "
+                             f"found {modules!r}")
+        values["grasp_target_modules"] = modules
+    return values
+
+
+@dataclass
+class GraspArguments:
+    """The GRASP keys. GRASP is on when `grasp_directions` or `grasp_identify_steps` is set."""
+
+    grasp_directions: str | None = field(default=None, metadata={
+        "help": "Path to a direction file (`grasp identify` output, or a stage-1 file). Skips identification."})
+    grasp_identify_steps: int | None = field(default=None, metadata={
+        "help": "When no direction file is given: optimizer steps of the naive stage-1 LoRA run on the same data. "
+                "Directions are extracted from it, the adapter is reset to its initial values and stage 2 trains "
+                "with projection, all in one `train()` call."})
+    grasp_num_directions: int = field(default=3, metadata={
+        "help": "k: directions per layer (or in the global basis). Ignored when grasp_energy is set."})
+    grasp_energy: float | None = field(default=None, metadata={
+        "help": "Choose k per layer as the smallest number of directions capturing this fraction of the stage-1 "
+                "update's squared spectrum (capped at grasp_num_directions)."})
+    grasp_scope: str = field(default="per_layer", metadata={
+        "help": "per_layer: one basis per block from that block's writer updates; global: one basis from all "
+                "blocks' writer updates, applied at every layer."})
+    grasp_projection: str = field(default="activations", metadata={
+        "help": "activations: project the directions out of the gradient of every block's output residual "
+                "(forward untouched); weights: constrain the LoRA/full-weight update to be orthogonal to them; "
+                "both: both."})
+    grasp_sides: str = field(default="both", metadata={
+        "help": "weights mode: constrain the updates of writers (write), readers (read) or both."})
+    grasp_reader_layer: str = field(default="own", metadata={
+        "help": "weights mode: a reader in block l is constrained with its own block's basis (own) or with the "
+                "basis of the stream it reads, block l-1 (input)."})
+    grasp_layers: list[int] | None = field(default=None, metadata={
+        "help": "Only project at these block indices (default: every layer with a direction)."})
+    grasp_target_modules: str | None = field(default=None, metadata={
+        "help": "JSON object mapping module leaf names (or regexes) to 'write' or 'read', for architectures "
+                "whose modules GRASP does not know by name, e.g. '{\"out_x\": \"write\", \"in_x\": \"read\"}'."})
+    grasp_include_readers: bool = field(default=False, metadata={
+        "help": "Identification: also stack the readers' input-side updates of each block."})
+
+    def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        validated = validate_grasp_fields({name: getattr(self, name) for name in grasp_field_names()})
+        for name, value in validated.items():
+            setattr(self, name, value)
+
+    @property
+    def grasp_enabled(self) -> bool:
+        return self.grasp_directions is not None or self.grasp_identify_steps is not None
+
+
+def grasp_field_names() -> list[str]:
+    from dataclasses import fields
+
+    return [f.name for f in fields(GraspArguments)]

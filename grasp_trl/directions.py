@@ -1,0 +1,207 @@
+"""`DirectionSet`: the per-layer orthonormal bases GRASP projects out, and their safetensors file format.
+
+File format (DESIGN §5): one `.safetensors` file with tensors `layers.{l}.basis` (`d x k_l`, fp32) and a
+single JSON metadata entry `grasp` holding format version, hidden size, number of layers, provenance (base
+model, source adapter and its sha256), `k`, scope, sides, per-layer singular values, the module
+classification used, creation time and package version. Writes are atomic (temp file + `os.replace`), so a
+failed save never clobbers an existing file; loading validates everything and names the file in every error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+FORMAT_VERSION = 1
+ORTHONORMAL_TOL = 1e-4  # past this, load re-orthonormalises with a warning
+DEGENERATE_TOL = 0.5  # past this (||U^T U - I||), the basis is not a basis: error
+_KEY = re.compile(r"^layers\.(\d+)\.basis$")
+
+
+class DirectionFileError(ValueError):
+    """A direction file is missing, corrupt, or does not fit the model it is applied to."""
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("grasp-trl")
+    except Exception:  # not installed (running from a checkout)
+        return "unknown"
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call `write(tmp_path)` on a temp file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def orthonormality_error(basis: torch.Tensor) -> float:
+    basis = basis.double()
+    return float((basis.T @ basis - torch.eye(basis.shape[1], dtype=basis.dtype)).abs().max())
+
+
+class DirectionSet:
+    """Per-layer orthonormal bases `U_l` (`d x k_l`) of the spurious factor, in residual-stream space.
+
+    `bases` maps a block index `l` (the residual stream *after* block `l`) to a tensor with orthonormal
+    columns; layers that are absent are not constrained. Signs are arbitrary: the subspace is the object.
+    """
+
+    def __init__(self, bases: Mapping[int, torch.Tensor], num_layers: int, metadata: dict[str, Any] | None = None,
+                 *, source: str = "<in memory>"):
+        self.num_layers = int(num_layers)
+        self.metadata = dict(metadata or {})
+        self.source = source
+        self.bases: dict[int, torch.Tensor] = {}
+        sizes = set()
+        for layer, basis in sorted(bases.items()):
+            layer = int(layer)
+            basis = torch.as_tensor(basis).detach().to("cpu", torch.float32)
+            if basis.ndim == 1:
+                basis = basis[:, None]
+            where = f"{source}: layers.{layer}.basis"
+            if not 0 <= layer < self.num_layers:
+                raise DirectionFileError(f"{where}: layer index {layer} out of range for num_layers={self.num_layers}")
+            if basis.ndim != 2 or basis.shape[1] == 0 or basis.shape[1] > basis.shape[0]:
+                raise DirectionFileError(f"{where}: expected shape (hidden_size, k) with 1 <= k <= hidden_size, "
+                                         f"found {tuple(basis.shape)}")
+            if not torch.isfinite(basis).all():
+                raise DirectionFileError(f"{where}: contains NaN or Inf")
+            error = orthonormality_error(basis)
+            if error > DEGENERATE_TOL:
+                raise DirectionFileError(f"{where}: columns are not orthonormal (max |U^T U - I| = {error:.3g}); "
+                                         "expected an orthonormal basis")
+            if error > ORTHONORMAL_TOL:
+                warnings.warn(f"{where}: max |U^T U - I| = {error:.3g} > {ORTHONORMAL_TOL}; re-orthonormalising",
+                              stacklevel=2)
+                basis = torch.linalg.qr(basis.double())[0].float()
+            sizes.add(basis.shape[0])
+            self.bases[layer] = basis.contiguous()
+        if len(sizes) > 1:
+            raise DirectionFileError(f"{source}: bases disagree on hidden size: {sorted(sizes)}")
+        declared = self.metadata.get("hidden_size")
+        if sizes and declared is not None and int(declared) not in sizes:
+            raise DirectionFileError(f"{source}: metadata hidden_size={declared} but bases have {sizes.pop()} rows")
+
+    # ----------------------------------------------------------------------------------------------- views
+    @property
+    def hidden_size(self) -> int | None:
+        if self.bases:
+            return next(iter(self.bases.values())).shape[0]
+        declared = self.metadata.get("hidden_size")
+        return int(declared) if declared is not None else None
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.bases
+
+    def k(self, layer: int) -> int:
+        return self.bases[layer].shape[1] if layer in self.bases else 0
+
+    def restricted_to(self, layers) -> "DirectionSet":
+        """The same set with only `layers` kept (the `grasp_layers` option)."""
+        layers = set(int(l) for l in layers)
+        bad = sorted(l for l in layers if not 0 <= l < self.num_layers)
+        if bad:
+            raise DirectionFileError(f"grasp_layers: {bad} out of range for a model with {self.num_layers} layers")
+        return DirectionSet({l: b for l, b in self.bases.items() if l in layers}, self.num_layers,
+                            {**self.metadata, "layers_kept": sorted(layers)}, source=self.source)
+
+    def __repr__(self) -> str:
+        ks = {l: b.shape[1] for l, b in self.bases.items()}
+        return f"DirectionSet(hidden_size={self.hidden_size}, num_layers={self.num_layers}, k={ks})"
+
+    # -------------------------------------------------------------------------------------------- checking
+    def validate_for(self, model) -> None:
+        """Raise `DirectionFileError` unless hidden size and layer count match `model`'s config."""
+        from .modules import hidden_size, num_hidden_layers
+
+        model_d, model_l = hidden_size(model), num_hidden_layers(model)
+        name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        if self.hidden_size is not None and self.hidden_size != model_d:
+            raise DirectionFileError(f"{self.source}: direction file has hidden_size={self.hidden_size}, "
+                                     f"model {name} has hidden_size={model_d}")
+        if self.num_layers != model_l:
+            raise DirectionFileError(f"{self.source}: direction file has num_layers={self.num_layers}, "
+                                     f"model {name} has num_hidden_layers={model_l}")
+
+    # ----------------------------------------------------------------------------------------------- files
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the set atomically as safetensors + JSON metadata; returns the path."""
+        from safetensors.torch import save_file
+
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "package_version": package_version(),
+            **self.metadata,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "k": {str(l): b.shape[1] for l, b in self.bases.items()},
+        }
+        tensors = {f"layers.{l}.basis": b.contiguous() for l, b in self.bases.items()}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"grasp": json.dumps(meta)}))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "DirectionSet":
+        """Read and validate a direction file. Every failure is a `DirectionFileError` naming the file."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise DirectionFileError(f"{path}: direction file not found" +
+                                     (" (it is a directory)" if path.is_dir() else ""))
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                raw_meta = (handle.metadata() or {}).get("grasp")
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as exc:  # safetensors raises several types for truncated/garbled files
+            raise DirectionFileError(f"{path}: not a readable safetensors file ({exc})") from exc
+        if raw_meta is None:
+            raise DirectionFileError(f"{path}: no 'grasp' metadata entry: not a GRASP direction file")
+        try:
+            meta = json.loads(raw_meta)
+        except json.JSONDecodeError as exc:
+            raise DirectionFileError(f"{path}: 'grasp' metadata is not valid JSON ({exc})") from exc
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise DirectionFileError(f"{path}: format_version {version!r}, this grasp-trl reads {FORMAT_VERSION}")
+        if "num_layers" not in meta:
+            raise DirectionFileError(f"{path}: metadata lacks num_layers")
+        bases = {}
+        for key, tensor in tensors.items():
+            match = _KEY.match(key)
+            if not match:
+                raise DirectionFileError(f"{path}: unexpected tensor {key!r}; expected 'layers.<l>.basis'")
+            bases[int(match.group(1))] = tensor
+        return cls(bases, int(meta["num_layers"]), meta, source=str(path))

@@ -1,0 +1,368 @@
+"""Stage 2 of GRASP: keep the directions out of the learning signal. Pure torch; no trainer knowledge.
+
+Two mechanisms (DESIGN §1):
+
+* `activations` — a forward hook on every decoder block registers a tensor hook on the block's output `h_l`;
+  in the backward pass that hook replaces the gradient `g` by `g - (g U_l) U_l^T`. The forward pass is
+  untouched. Everything upstream of `h_l` (adapter, frozen weights as a route, earlier blocks) receives no
+  first-order signal to move `h_l` along `U_l`. Works with LoRA, QLoRA, full fine-tuning, any optimizer and
+  any engine that runs autograd (DDP, DeepSpeed ZeRO): it acts before any parameter gradient exists.
+  Gradient checkpointing: the block's hooks run again during recomputation; the hook is registered whenever
+  grad mode is on, so it lands on the output autograd actually traverses in both the reentrant (recomputed
+  output) and the non-reentrant (original output) implementations, and projection is idempotent anyway.
+
+* `weights` — per-parameter *constraints* `U^T (W - W_anchor) = 0` (residual side on dim 0: writer LoRA B,
+  full writer weights) or `(W - W_anchor) U = 0` (dim 1: reader LoRA A, full reader weights). The gradient is
+  projected in a per-parameter tensor hook (so clipping and Adam moments see the projected gradient, and
+  under DeepSpeed it runs before reduction), and after every optimizer step `project_parameters()` restores
+  the constraint exactly (Adam's per-coordinate scaling otherwise re-introduces a component along `U`).
+  LoRA constraints have a zero anchor (the update `B A` itself must be orthogonal); full fine-tuning keeps the
+  pretrained component `U^T W0` / `W0 U` captured at `attach()`.
+
+All projection math runs in fp32 and is cast back to the tensor's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .directions import DirectionSet
+from .modules import block_index, classify, classify_all, decoder_blocks, linear_module_names
+
+Projection = Literal["activations", "weights", "both"]
+Sides = Literal["write", "read", "both"]
+ReaderLayer = Literal["own", "input"]
+PROJECTIONS = ("activations", "weights", "both")
+SIDES = ("write", "read", "both")
+READER_LAYERS = ("own", "input")
+
+
+def project_out(x: torch.Tensor, basis: torch.Tensor, dim: int) -> torch.Tensor:
+    """Remove from `x` its component along the orthonormal columns of `basis` on dimension `dim`, in fp32.
+
+    `dim=0`: `x - U (U^T x)`; `dim=-1`/`1`: `x - (x U) U^T`. Returns a tensor of `x`'s dtype.
+    """
+    x32 = x.float()
+    if dim == 0:
+        flat = x32.reshape(x32.shape[0], -1)
+        out = flat - basis @ (basis.T @ flat)
+    else:
+        out = x32 - (x32 @ basis) @ basis.T
+    return out.reshape(x.shape).to(x.dtype)
+
+
+@dataclass
+class Constraint:
+    """One parameter whose change must stay orthogonal to `basis` on its residual-side dimension `dim`."""
+
+    name: str
+    param: nn.Parameter
+    basis: torch.Tensor  # d x k, fp32, on the parameter's device
+    dim: int  # 0: rows live in the residual stream; 1: columns do
+    anchor: torch.Tensor | None = None  # U^T W0 (dim 0) or W0 U (dim 1); None means zero (LoRA)
+    hook: object = field(default=None, repr=False)
+
+    def component(self, weight: torch.Tensor) -> torch.Tensor:
+        """`U^T W` (dim 0) or `W U` (dim 1) in fp32."""
+        w32 = weight.float()
+        if self.dim == 0:
+            return self.basis.T @ w32.reshape(w32.shape[0], -1)
+        return w32 @ self.basis
+
+    def projected(self, weight: torch.Tensor) -> torch.Tensor:
+        """The closest weight satisfying the constraint: `W - U (U^T W - C)` or `W - (W U - D) U^T`."""
+        excess = self.component(weight)
+        if self.anchor is not None:
+            excess = excess - self.anchor
+        w32 = weight.float()
+        if self.dim == 0:
+            out = w32.reshape(w32.shape[0], -1) - self.basis @ excess
+        else:
+            out = w32 - excess @ self.basis.T
+        return out.reshape(weight.shape).to(weight.dtype)
+
+
+class GradientProjector:
+    """Install GRASP's projection on a model: residual-stream gradient hooks and/or weight-update constraints.
+
+    Args:
+        model: a transformers model, a PEFT model wrapping one, or a full fine-tune.
+        directions: the `DirectionSet` to project out (validated against the model).
+        projection: `activations` (default; residual-stream gradient projection), `weights` (constrain the
+            update of LoRA A/B or full weights) or `both`.
+        sides: `weights` mode: constrain writers, readers or both.
+        reader_layer: which block's basis constrains a reader in block `l`: `own` (`U_l`, default; the stream
+            the block's writers are constrained on) or `input` (`U_{l-1}`, the stream it actually reads; block
+            0's readers are then unconstrained).
+        target_modules: extra module classification (leaf name or regex -> "write"/"read").
+        adapter_name: PEFT adapter to constrain (default: the active one).
+        track_stats: accumulate the share of gradient norm removed (for `grasp/grad_removed_fraction`).
+
+    Usage: `attach()` after the model is wrapped by PEFT and before training; `project_parameters()` after
+    every optimizer step (no-op in `activations` mode); `detach()` to remove every hook.
+    """
+
+    def __init__(self, model: nn.Module, directions: DirectionSet, projection: Projection = "activations",
+                 sides: Sides = "both", *, reader_layer: ReaderLayer = "own", target_modules=None,
+                 adapter_name: str | None = None, track_stats: bool = True):
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection: expected one of {PROJECTIONS}, found {projection!r}")
+        if sides not in SIDES:
+            raise ValueError(f"sides: expected one of {SIDES}, found {sides!r}")
+        if reader_layer not in READER_LAYERS:
+            raise ValueError(f"reader_layer: expected one of {READER_LAYERS}, found {reader_layer!r}")
+        directions.validate_for(model)
+        self.model = model
+        self.directions = directions
+        self.projection = projection
+        self.sides = sides
+        self.reader_layer = reader_layer
+        self.target_modules = target_modules
+        self.adapter_name = adapter_name
+        self.track_stats = track_stats
+        self.constraints: list[Constraint] = []  # enforced (weights mode)
+        self.monitored: list[Constraint] = []  # reported by leakage() (every mode)
+        self._handles: list = []
+        self._basis_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._removed_sq = None
+        self._total_sq = None
+        self.attached = False
+
+    @property
+    def uses_activations(self) -> bool:
+        return self.projection in ("activations", "both")
+
+    @property
+    def uses_weights(self) -> bool:
+        return self.projection in ("weights", "both")
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def attach(self) -> "GradientProjector":
+        """Register the hooks; in `weights` mode build the constraints and project the current parameters."""
+        if self.attached:
+            return self
+        if self.directions.is_empty:
+            self.attached = True
+            return self
+        if self.uses_activations:
+            blocks = decoder_blocks(self.model)
+            for layer in self.directions.bases:
+                self._handles.append(blocks[layer].register_forward_hook(
+                    functools.partial(self._on_block_output, layer)))
+        if self.uses_weights:
+            self.constraints = self._build_constraints()
+            for constraint in self.constraints:
+                constraint.hook = constraint.param.register_hook(functools.partial(self._project_param_grad,
+                                                                                   constraint))
+            self.project_parameters()
+            self.monitored = self.constraints
+        else:  # not enforced, but leakage() still reports how much the update writes along the directions
+            try:
+                self.monitored = self._build_constraints()
+            except ValueError:
+                self.monitored = []
+        self.attached = True
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for constraint in self.constraints:
+            if constraint.hook is not None:
+                constraint.hook.remove()
+                constraint.hook = None
+        self._handles.clear()
+        self.constraints, self.monitored = [], []
+        self.attached = False
+
+    def __enter__(self):
+        return self.attach()
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    # ---------------------------------------------------------------------------------- activations mode
+    def _basis(self, layer: int, device: torch.device) -> torch.Tensor:
+        key = (layer, device)
+        if key not in self._basis_cache:
+            self._basis_cache[key] = self.directions.bases[layer].to(device, torch.float32)
+        return self._basis_cache[key]
+
+    def _on_block_output(self, layer, module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(functools.partial(self._project_residual_grad, layer))
+
+    def _project_residual_grad(self, layer: int, grad: torch.Tensor) -> torch.Tensor:
+        projected = project_out(grad, self._basis(layer, grad.device), dim=-1)
+        self._record(grad, projected)
+        return projected
+
+    def _record(self, grad: torch.Tensor, projected: torch.Tensor) -> None:
+        if not self.track_stats:
+            return
+        with torch.no_grad():
+            total = grad.float().pow(2).sum()
+            removed = (grad.float() - projected.float()).pow(2).sum()
+            self._total_sq = total if self._total_sq is None else self._total_sq + total.to(self._total_sq.device)
+            self._removed_sq = removed if self._removed_sq is None else self._removed_sq + removed.to(
+                self._removed_sq.device)
+
+    def pop_grad_removed_fraction(self) -> float | None:
+        """Share of gradient norm (sqrt of squared-norm ratio) removed since the last call; None if no data."""
+        if self._total_sq is None:
+            return None
+        total, removed = float(self._total_sq), float(self._removed_sq)
+        self._total_sq = self._removed_sq = None
+        return (removed / total) ** 0.5 if total > 0 else 0.0
+
+    # -------------------------------------------------------------------------------------- weights mode
+    def _layer_for(self, role: str, layer: int) -> int | None:
+        if role == "read" and self.reader_layer == "input":
+            layer -= 1
+        return layer if layer in self.directions.bases else None
+
+    def _wants(self, role: str) -> bool:
+        return self.sides == "both" or (self.sides == "write") == (role == "write")
+
+    def _build_constraints(self) -> list[Constraint]:
+        lora = self._lora_constraints()
+        if lora is not None:
+            return lora
+        return self._full_constraints()
+
+    def _lora_constraints(self) -> list[Constraint] | None:
+        """Constraints on LoRA A/B, or None when the model has no LoRA layers (full fine-tuning)."""
+        adapter = self.adapter_name or getattr(self.model, "active_adapter", "default")
+        if isinstance(adapter, (list, tuple)):
+            adapter = adapter[0]
+        constraints, seen_lora = [], False
+        for name, module in self.model.named_modules():
+            lora_a = getattr(module, "lora_A", None)
+            if not isinstance(lora_a, nn.ModuleDict) or adapter not in lora_a:
+                continue
+            seen_lora = True
+            if getattr(module, "use_dora", {}).get(adapter, False):
+                raise ValueError(f"{name}: DoRA rescales the whole weight by a learned magnitude, so the "
+                                 "update cannot be kept orthogonal to the directions; use projection="
+                                 "'activations' with DoRA, or plain LoRA with 'weights'")
+            role, layer = classify(name, self.target_modules), block_index(name)
+            if role is None or layer is None or not self._wants(role):
+                continue
+            basis_layer = self._layer_for(role, layer)
+            if basis_layer is None:
+                continue
+            if role == "write":
+                param, dim = module.lora_B[adapter].weight, 0
+            else:
+                param, dim = lora_a[adapter].weight, 1
+            constraints.append(Constraint(f"{name}.{'lora_B' if role == 'write' else 'lora_A'}", param,
+                                          self._basis(basis_layer, param.device), dim))
+        return constraints if seen_lora else None
+
+    def _full_constraints(self) -> list[Constraint]:
+        """Constraints on trainable full weights (and writer biases) with the pretrained component anchored."""
+        from .deepspeed import full_fp32
+
+        modules = dict(self.model.named_modules())
+        candidates = linear_module_names(self.model) + [n for n, m in modules.items() if isinstance(m, nn.Embedding)]
+        last = max(self.directions.bases)
+        by_param: dict[tuple[int, int], Constraint] = {}
+        for item in classify_all(candidates, self.target_modules, include_global=True):
+            if not self._wants(item.role):
+                continue
+            module = modules[item.name]
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, nn.Parameter) or not weight.requires_grad:
+                continue
+            if item.layer is None:  # embeddings write into block 0's input; lm_head reads the last stream
+                basis_layer = 0 if item.role == "write" else last
+                basis_layer = basis_layer if basis_layer in self.directions.bases else None
+            else:
+                basis_layer = self._layer_for(item.role, item.layer)
+            if basis_layer is None:
+                continue
+            is_embedding = isinstance(module, nn.Embedding) or item.layer is None
+            transposed = type(module).__name__ == "Conv1D"  # GPT-2 stores (in, out)
+            residual_on_rows = (item.role == "write") != transposed and not is_embedding
+            targets = [(item.name + ".weight", weight, 0 if residual_on_rows else 1)]
+            bias = getattr(module, "bias", None)
+            if item.role == "write" and isinstance(bias, nn.Parameter) and bias.requires_grad and not is_embedding:
+                targets.append((item.name + ".bias", bias, 0))
+            for name, param, dim in targets:
+                basis = self._basis(basis_layer, param.device)
+                key = (id(param), dim)
+                if key in by_param:  # tied weights: constrain the union of both bases
+                    merged = torch.linalg.qr(torch.cat([by_param[key].basis, basis], dim=1))[0]
+                    by_param[key].basis, by_param[key].name = merged, by_param[key].name + "+" + name
+                else:
+                    by_param[key] = Constraint(name, param, basis, dim)
+        for constraint in by_param.values():
+            constraint.anchor = constraint.component(full_fp32(constraint.param)).detach().clone()
+        if not by_param:
+            raise ValueError("weights projection found nothing to constrain: no LoRA layer and no trainable "
+                             "writer/reader weight in a block with a direction")
+        return list(by_param.values())
+
+    def _project_param_grad(self, constraint: Constraint, grad: torch.Tensor) -> torch.Tensor:
+        basis = constraint.basis if constraint.basis.device == grad.device else constraint.basis.to(grad.device)
+        projected = project_out(grad, basis, dim=constraint.dim)
+        if not self.uses_activations:
+            self._record(grad, projected)
+        return projected
+
+    @torch.no_grad()
+    def project_parameters(self) -> None:
+        """Restore every weight constraint exactly (call after each optimizer step). No-op in activations mode.
+
+        Under DeepSpeed the fp32 master copy and the working copy are both updated (see `deepspeed.py`).
+        """
+        if not self.constraints:
+            return
+        from .deepspeed import update_params
+
+        update_params([(c.param, c.projected) for c in self.constraints])
+
+    # ---------------------------------------------------------------------------------------- diagnostics
+    @torch.no_grad()
+    def leakage_by_module(self) -> dict[str, float]:
+        """Relative component of each constrained update along the directions.
+
+        LoRA: `||U^T B A|| / ||B A||` (writers) or `||B A U|| / ||B A||` (readers), without forming `B A`.
+        Full fine-tuning: `||U^T W - C|| / ||W||` (the pretrained component `C` is kept, not the whole `W`).
+        """
+        from .deepspeed import full_fp32
+
+        result = {}
+        for constraint in self.monitored:
+            weight = full_fp32(constraint.param)
+            if constraint.anchor is not None:
+                excess = constraint.component(weight) - constraint.anchor
+                result[constraint.name] = float(excess.norm() / weight.norm().clamp_min(1e-30))
+                continue
+            module_name = constraint.name.rsplit(".", 1)[0]
+            module = self.model.get_submodule(module_name)
+            adapter = self.adapter_name or getattr(self.model, "active_adapter", "default")
+            adapter = adapter[0] if isinstance(adapter, (list, tuple)) else adapter
+            lora_a = full_fp32(module.lora_A[adapter].weight).double()
+            lora_b = full_fp32(module.lora_B[adapter].weight).double()
+            basis = constraint.basis.double().to(lora_a.device)
+            gram_a, gram_b = lora_a @ lora_a.T, lora_b.T @ lora_b
+            total = (gram_b * gram_a).sum().clamp_min(0).sqrt()
+            if constraint.dim == 0:  # ||U^T B A||^2 = tr((U^T B) G_A (U^T B)^T)
+                ub = basis.T @ lora_b
+                along = ((ub @ gram_a) * ub).sum().clamp_min(0).sqrt()
+            else:  # ||B A U||^2 = tr((A U)^T G_B (A U))
+                au = lora_a @ basis
+                along = ((gram_b @ au) * au).sum().clamp_min(0).sqrt()
+            result[constraint.name] = float(along / total) if total > 0 else 0.0
+        return result
+
+    def leakage(self) -> float:
+        """Largest relative leakage over the constrained parameters (0.0 when nothing is constrained)."""
+        return max(self.leakage_by_module().values(), default=0.0)

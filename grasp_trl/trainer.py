@@ -1,0 +1,211 @@
+"""`GraspSFTTrainer` / `GraspDPOTrainer`: TRL's trainers with identify-then-project as config options.
+
+`GraspTrainerMixin` adds, on top of any TRL trainer:
+* with `grasp_directions`: the projector attaches right after TRL built (and PEFT-wrapped) the model, so a
+  wrong file fails before any step; the post-step projection runs through `GraspCallback`;
+* with `grasp_identify_steps`: `train()` first runs a naive stage 1 in `output_dir/grasp_stage1`, extracts and
+  saves the directions and the spectrum there, restores the adapter's initial values and the RNG state, and
+  then runs stage 2 with projection — the same result as stage 2 run from the saved file with the same seed;
+* the direction file is written into every checkpoint and the final output, and resuming from a checkpoint
+  reuses it; `grasp/leakage` and `grasp/grad_removed_fraction` join the normal logs; the model card says
+  GRASP was used, with the file's hash.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+from .callbacks import GraspCallback
+from .config import DIRECTIONS_FILENAME, STAGE1_DIRNAME, GraspArguments
+from .directions import DirectionFileError, DirectionSet, atomic_write, sha256_of
+from .identify import extract_directions
+from .projection import GradientProjector
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GraspSFTConfig(GraspArguments, SFTConfig):
+    """`trl.SFTConfig` plus the `grasp_*` keys (see `GraspArguments`)."""
+
+
+@dataclass
+class GraspDPOConfig(GraspArguments, DPOConfig):
+    """`trl.DPOConfig` plus the `grasp_*` keys (see `GraspArguments`)."""
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def build_projector(model, args: GraspArguments, directions: DirectionSet) -> GradientProjector:
+    """The projector the `grasp_*` keys describe, attached to `model` (used by the trainers and Axolotl)."""
+    if args.grasp_layers is not None:
+        directions = directions.restricted_to(args.grasp_layers)
+    return GradientProjector(model, directions, args.grasp_projection, args.grasp_sides,
+                             reader_layer=args.grasp_reader_layer,
+                             target_modules=args.grasp_target_modules).attach()
+
+
+def identify_from(model, args: GraspArguments, stage1_dir: Path) -> DirectionSet:
+    """Extract the directions from a stage-1 model and save them (and the spectrum) in `stage1_dir`."""
+    directions = extract_directions(model, k=args.grasp_num_directions, scope=args.grasp_scope,
+                                    energy=args.grasp_energy, max_k=args.grasp_num_directions,
+                                    include_readers=args.grasp_include_readers,
+                                    target_modules=args.grasp_target_modules)
+    directions.metadata["source_adapter"] = str(stage1_dir)
+    directions.save(stage1_dir / DIRECTIONS_FILENAME)
+    spectrum = {"singular_values": directions.metadata["singular_values"],
+                "energy_captured": directions.metadata["energy_captured"],
+                "k": {str(l): directions.k(l) for l in directions.bases}}
+    (stage1_dir / "spectrum.json").write_text(json.dumps(spectrum, indent=1))
+    return DirectionSet.load(stage1_dir / DIRECTIONS_FILENAME)
+
+
+class GraspTrainerMixin:
+    """Adds GRASP to a TRL trainer whose `args` carry the `grasp_*` fields."""
+
+    grasp_projector: GradientProjector | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grasp_callback = GraspCallback()
+        self.add_callback(self.grasp_callback)
+        self._grasp_initial_adapter = None
+        grasp_args = self.args
+        if not getattr(grasp_args, "grasp_enabled", False):
+            return
+        if grasp_args.grasp_directions is not None:
+            self._grasp_install(DirectionSet.load(grasp_args.grasp_directions))
+        else:
+            if not hasattr(self.model, "peft_config"):
+                raise ValueError("grasp_identify_steps needs a LoRA run to identify from (pass peft_config or a "
+                                 "PeftModel); for full fine-tuning, identify with a separate LoRA run and pass "
+                                 "grasp_directions")
+            self._grasp_initial_adapter = {name: p.detach().clone() for name, p in self.model.named_parameters()
+                                           if p.requires_grad}
+
+    # --------------------------------------------------------------------------------------- projection
+    def _grasp_install(self, directions: DirectionSet) -> None:
+        directions.validate_for(self.model)
+        if self.grasp_projector is not None:
+            self.grasp_projector.detach()
+        self.grasp_directions = directions
+        self.grasp_projector = build_projector(self.model, self.args, directions)
+        self.grasp_callback.projector = self.grasp_projector
+        logger.info("GRASP: projecting %s (%s mode)", directions, self.args.grasp_projection)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:
+            logs.update(self.grasp_callback.metrics())
+        super().log(logs, *args, **kwargs)
+
+    # ---------------------------------------------------------------------------------------- training
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        checkpoint = self._grasp_resolve_checkpoint(resume_from_checkpoint)
+        saved = Path(checkpoint) / DIRECTIONS_FILENAME if checkpoint else None
+        if saved is not None and saved.is_file():
+            self._grasp_resume_directions(saved)
+        elif self._grasp_initial_adapter is not None and self.grasp_projector is None:
+            self._grasp_stage1()
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _grasp_resolve_checkpoint(self, resume_from_checkpoint):
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            return get_last_checkpoint(self.args.output_dir)
+        return resume_from_checkpoint or None
+
+    def _grasp_resume_directions(self, saved: Path) -> None:
+        directions = DirectionSet.load(saved)
+        if self.grasp_projector is not None:
+            current = self.grasp_directions.bases
+            same = current.keys() == directions.bases.keys() and all(
+                torch.equal(current[l], directions.bases[l]) for l in current)
+            if not same:
+                raise DirectionFileError(f"{saved}: the checkpoint was trained with other directions than "
+                                         f"grasp_directions={self.args.grasp_directions}")
+            return
+        self._grasp_install(directions)
+
+    def _grasp_stage1(self) -> None:
+        """Naive LoRA for `grasp_identify_steps` steps, then identify, reset adapter/optimizer/RNG."""
+        args = self.args
+        stage1_dir = Path(args.output_dir) / STAGE1_DIRNAME
+        overrides = {"max_steps": args.grasp_identify_steps, "output_dir": str(stage1_dir), "save_strategy": "no",
+                     "push_to_hub": False, "load_best_model_at_end": False}
+        saved_values = {key: getattr(args, key) for key in overrides}
+        rng = _rng_state()
+        logger.warning("GRASP stage 1/2: naive LoRA for %d steps -> %s", args.grasp_identify_steps, stage1_dir)
+        try:
+            for key, value in overrides.items():
+                setattr(args, key, value)
+            super().train()
+            self.model.save_pretrained(stage1_dir)
+            (stage1_dir / "log_history.json").write_text(json.dumps(self.state.log_history, indent=1))
+            directions = identify_from(self.model, args, stage1_dir)
+        finally:
+            for key, value in saved_values.items():
+                setattr(args, key, value)
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in self._grasp_initial_adapter:
+                    param.copy_(self._grasp_initial_adapter[name])
+        self.optimizer, self.lr_scheduler = None, None
+        _set_rng_state(rng)
+        self._grasp_install(directions)
+        logger.warning("GRASP stage 2/2: training with %s projected out (%s mode)", directions,
+                       args.grasp_projection)
+
+    # ------------------------------------------------------------------------------------------ saving
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if self.grasp_projector is not None and self.args.should_save:
+            source = Path(self.grasp_directions.source)
+            atomic_write(Path(output_dir or self.args.output_dir) / DIRECTIONS_FILENAME,
+                         lambda tmp: shutil.copyfile(source, tmp))
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        tags = list([tags] if isinstance(tags, str) else tags or [])
+        if self.grasp_projector is not None:
+            tags.append("grasp")
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        card = Path(self.args.output_dir) / "README.md"
+        if self.grasp_projector is None or not self.is_world_process_zero() or not card.is_file():
+            return
+        digest = sha256_of(self.grasp_directions.source)
+        ks = {l: self.grasp_directions.k(l) for l in self.grasp_directions.bases}
+        card.write_text(card.read_text() + (
+            "\n## GRASP\n\nTrained with GRASP (GRadient projection of Associated Spurious Patterns, "
+            "arXiv 2605.27676): the directions below were projected out of the learning signal "
+            f"(`grasp_projection={self.args.grasp_projection}`).\n\n"
+            f"- direction file: `{DIRECTIONS_FILENAME}` (sha256 `{digest}`)\n"
+            f"- source: {self.grasp_directions.metadata.get('source_adapter', self.grasp_directions.source)}\n"
+            f"- scope: {self.grasp_directions.metadata.get('scope', '?')}, k per layer: {ks}\n"))
+
+
+class GraspSFTTrainer(GraspTrainerMixin, SFTTrainer):
+    """`trl.SFTTrainer` with GRASP; configure it with `GraspSFTConfig`."""
+
+
+class GraspDPOTrainer(GraspTrainerMixin, DPOTrainer):
+    """`trl.DPOTrainer` with GRASP; configure it with `GraspDPOConfig`."""

@@ -1,0 +1,229 @@
+"""Stage 2 invariants, as properties on random models, directions and data (DESIGN §1).
+
+Tolerances: fp32 throughout; "exactly zero" is checked as <= 1e-6 of the unprojected magnitude, which is
+what fp32 rounding of `g - (g U) U^T` allows.
+"""
+
+import pytest
+import torch
+
+from conftest import SEVEN_MODULES, lora_model, random_directions, randomise_lora_b
+from grasp_trl.modules import decoder_blocks
+from grasp_trl.projection import GradientProjector
+from grasp_trl.tiny import build_model
+
+TOL = 1e-6
+
+
+def capture_outputs(model):
+    """Forward hooks (registered *after* the projector's) that keep each block's output and the gradient
+    that leaves it (i.e. after the projector's tensor hook has run)."""
+    outputs, grads, handles = {}, {}, []
+    for layer, block in enumerate(decoder_blocks(model)):
+        def hook(module, args, output, layer=layer):
+            hidden = output[0] if isinstance(output, tuple) else output
+            outputs[layer] = hidden
+            if hidden.requires_grad:
+                hidden.register_hook(lambda g, layer=layer: grads.__setitem__(layer, g.detach().clone()))
+        handles.append(block.register_forward_hook(hook))
+    return outputs, grads, handles
+
+
+def trainable_grad_norm(model):
+    return sum(float(p.grad.norm()) ** 2 for p in model.parameters() if p.requires_grad and p.grad is not None) ** 0.5
+
+
+def make_model(kind):
+    if kind == "lora":
+        model = lora_model(r=4, num_layers=3)
+        randomise_lora_b(model)
+        return model
+    return build_model("llama", vocab_size=100, hidden_size=32, num_layers=3, seed=0)  # full fine-tuning
+
+
+def loss_through_projection(model, outputs, directions, layer, batch):
+    model(input_ids=batch["input_ids"])
+    readout = outputs[layer] @ directions.bases[layer]
+    return (readout.pow(2) + readout).sum()
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non_reentrant"])
+def test_activation_projection_zeroes_gradients_of_a_loss_along_u(kind, checkpointing, tiny_batch):
+    model = make_model(kind)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": checkpointing == "reentrant"})
+        if kind == "lora":
+            model.enable_input_require_grads()
+    model.train()
+    directions = random_directions(32, 3, k=2, seed=1)
+    for layer in range(3):
+        # without projection the loss moves the parameters
+        outputs, _, handles = capture_outputs(model)
+        model.zero_grad(set_to_none=True)
+        loss_through_projection(model, outputs, directions, layer, tiny_batch).backward()
+        unprojected = trainable_grad_norm(model)
+        assert unprojected > 1e-3
+        for handle in handles:
+            handle.remove()
+        # with projection every trainable parameter's gradient vanishes
+        projector = GradientProjector(model, directions, "activations").attach()
+        outputs, _, handles = capture_outputs(model)
+        model.zero_grad(set_to_none=True)
+        loss_through_projection(model, outputs, directions, layer, tiny_batch).backward()
+        assert trainable_grad_norm(model) <= TOL * unprojected, (layer, trainable_grad_norm(model), unprojected)
+        projector.detach()
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non_reentrant"])
+def test_gradient_leaving_each_residual_has_no_component_along_u(checkpointing, tiny_batch):
+    model = make_model("lora")
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": checkpointing == "reentrant"})
+        model.enable_input_require_grads()
+    model.train()
+    directions = random_directions(32, 3, k=2, seed=2)
+    projector = GradientProjector(model, directions, "activations").attach()
+    _, grads, _ = capture_outputs(model)
+    model(**tiny_batch).loss.backward()
+    assert sorted(grads) == [0, 1, 2]
+    for layer, grad in grads.items():
+        along = (grad @ directions.bases[layer]).norm()
+        assert along <= TOL * grad.norm(), (layer, float(along / grad.norm()))
+    assert 0 < projector.pop_grad_removed_fraction() < 1
+    projector.detach()
+    _, grads, _ = capture_outputs(model)
+    model.zero_grad()
+    model(**tiny_batch).loss.backward()
+    assert all((g @ directions.bases[l]).norm() > 1e-3 * g.norm() for l, g in grads.items())
+
+
+@pytest.mark.parametrize("projection", ["activations", "weights", "both"])
+def test_forward_pass_is_bit_identical(projection, tiny_batch):
+    plain = make_model("lora")
+    hooked = make_model("lora")
+    directions = random_directions(32, 3, k=2)
+    expected = plain(**tiny_batch)
+    # activation hooks never touch the forward; the weight mode's initial projection of readers' A changes
+    # the adapter, so compare it against the plain model with the same projection applied by hand
+    GradientProjector(hooked, directions, projection).attach()
+    if projection != "activations":
+        GradientProjector(plain, directions, "weights").attach().detach()
+        expected = plain(**tiny_batch)
+    got = hooked(**tiny_batch)
+    assert torch.equal(got.logits, expected.logits) and torch.equal(got.loss, expected.loss)
+
+
+def dense_lora_updates(model):
+    """(name, layer, role, dense dW) for every LoRA module, straight from PEFT."""
+    from grasp_trl.modules import block_index, classify
+
+    result = []
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            result.append((name, block_index(name), classify(name), module.get_delta_weight("default").detach()))
+    return result
+
+
+def relative_leakage(model, directions):
+    worst = 0.0
+    for name, layer, role, delta in dense_lora_updates(model):
+        basis = directions.bases[layer]
+        along = basis.T @ delta if role == "write" else delta @ basis
+        worst = max(worst, float(along.norm() / delta.norm()))
+    return worst
+
+
+def train(model, projector, steps, batch, lr=1e-2, post_step=True):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids = torch.randint(4, 100, batch["input_ids"].shape, generator=generator)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        if post_step:
+            projector.project_parameters()
+
+
+@pytest.mark.parametrize("reader_layer", ["own", "input"])
+def test_weight_projection_keeps_lora_update_orthogonal(reader_layer, tiny_batch):
+    model = lora_model(r=4, num_layers=3, target_modules=SEVEN_MODULES)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    directions = random_directions(32, 3, k=2, seed=3)
+    projector = GradientProjector(model, directions, "weights", sides="both", reader_layer=reader_layer).attach()
+    assert len(projector.constraints) == (21 if reader_layer == "own" else 21 - 5)
+    train(model, projector, 50, tiny_batch)
+    if reader_layer == "own":
+        assert relative_leakage(model, directions) <= TOL
+    assert projector.leakage() <= TOL
+    for name, param in model.named_parameters():  # the frozen base never moves
+        if name in base:
+            assert torch.equal(param, base[name]), name
+
+
+def test_gradient_projection_alone_leaks_under_adam(tiny_batch):
+    """Why the post-step projection exists: Adam's per-coordinate scaling re-introduces a component along U."""
+    model = lora_model(r=4, num_layers=3)
+    directions = random_directions(32, 3, k=2, seed=3)
+    projector = GradientProjector(model, directions, "weights", sides="both").attach()
+    train(model, projector, 50, tiny_batch, post_step=False)
+    assert relative_leakage(model, directions) > 1e-3
+
+
+def test_full_finetuning_keeps_pretrained_component(tiny_batch):
+    model = build_model("llama", vocab_size=100, hidden_size=32, num_layers=3, seed=0)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    directions = random_directions(32, 3, k=2, seed=4)
+    projector = GradientProjector(model, directions, "weights", sides="both").attach()
+    train(model, projector, 30, tiny_batch, lr=3e-3)
+    checked = 0
+    for name, param in model.named_parameters():
+        delta = param.detach() - initial[name]
+        if delta.norm() == 0:
+            continue
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            along, before, after = directions.bases[layer].T @ delta, directions.bases[layer].T @ initial[name], \
+                directions.bases[layer].T @ param.detach()
+        elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")):
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            along, before, after = delta @ directions.bases[layer], initial[name] @ directions.bases[layer], \
+                param.detach() @ directions.bases[layer]
+        elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            layer = 0 if "embed" in name else 2
+            along, before, after = delta @ directions.bases[layer], initial[name] @ directions.bases[layer], \
+                param.detach() @ directions.bases[layer]
+        else:
+            continue  # norms are not on the residual stream's linear path
+        checked += 1
+        assert along.norm() <= TOL * delta.norm() + 1e-7 * before.norm(), name
+        assert torch.allclose(after, before, atol=1e-6), name
+    assert checked == 3 * 7 + 2
+    assert projector.leakage() <= 1e-6
+
+
+def test_dora_is_rejected_in_weights_mode():
+    model = lora_model(use_dora=True)
+    directions = random_directions(32, 3, k=1)
+    with pytest.raises(ValueError, match="DoRA"):
+        GradientProjector(model, directions, "weights").attach()
+    GradientProjector(model, directions, "activations").attach()  # fine: hooks act on activations
+
+
+def test_bad_arguments_and_mismatched_directions():
+    model = lora_model()
+    with pytest.raises(ValueError, match="sides: expected one of"):
+        GradientProjector(model, random_directions(32, 3, 1), sides="wrte")
+    with pytest.raises(ValueError, match="projection: expected one of"):
+        GradientProjector(model, random_directions(32, 3, 1), projection="activation")
+    with pytest.raises(ValueError, match="hidden_size=16.*hidden_size=32"):
+        GradientProjector(model, random_directions(16, 3, 1))
+    with pytest.raises(ValueError, match="num_layers=4.*num_hidden_layers=3"):
+        GradientProjector(model, random_directions(32, 4, 1))
