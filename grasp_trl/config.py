@@ -98,12 +98,12 @@ class GraspArguments:
         "help": "Identification: also stack the readers' input-side updates of each block."})
 
     def __post_init__(self):
-        parent = getattr(super(), "__post_init__", None)
-        if parent is not None:
-            parent()
         validated = validate_grasp_fields({name: getattr(self, name) for name in grasp_field_names()})
         for name, value in validated.items():
             setattr(self, name, value)
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
 
     @property
     def grasp_enabled(self) -> bool:

@@ -84,14 +84,20 @@ class GraspTrainerMixin:
     """Adds GRASP to a TRL trainer whose `args` carry the `grasp_*` fields."""
 
     grasp_projector: GradientProjector | None = None
+    grasp_callback: GraspCallback | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.grasp_setup(self.args)
+
+    def grasp_setup(self, grasp_args: GraspArguments) -> None:
+        """Install GRASP as `grasp_args` describe. Called by `__init__`; the Axolotl plugin calls it on a
+        trainer built by Axolotl after mixing this class in."""
+        self.grasp_args = grasp_args
         self.grasp_callback = GraspCallback()
         self.add_callback(self.grasp_callback)
         self._grasp_initial_adapter = None
-        grasp_args = self.args
-        if not getattr(grasp_args, "grasp_enabled", False):
+        if not grasp_args.grasp_enabled:
             return
         if grasp_args.grasp_directions is not None:
             self._grasp_install(DirectionSet.load(grasp_args.grasp_directions))
@@ -109,12 +115,12 @@ class GraspTrainerMixin:
         if self.grasp_projector is not None:
             self.grasp_projector.detach()
         self.grasp_directions = directions
-        self.grasp_projector = build_projector(self.model, self.args, directions)
+        self.grasp_projector = build_projector(self.model, self.grasp_args, directions)
         self.grasp_callback.projector = self.grasp_projector
-        logger.info("GRASP: projecting %s (%s mode)", directions, self.args.grasp_projection)
+        logger.info("GRASP: projecting %s (%s mode)", directions, self.grasp_args.grasp_projection)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        if "loss" in logs:
+        if "loss" in logs and self.grasp_callback is not None:
             logs.update(self.grasp_callback.metrics())
         super().log(logs, *args, **kwargs)
 
@@ -143,26 +149,26 @@ class GraspTrainerMixin:
                 torch.equal(current[l], directions.bases[l]) for l in current)
             if not same:
                 raise DirectionFileError(f"{saved}: the checkpoint was trained with other directions than "
-                                         f"grasp_directions={self.args.grasp_directions}")
+                                         f"grasp_directions={self.grasp_args.grasp_directions}")
             return
         self._grasp_install(directions)
 
     def _grasp_stage1(self) -> None:
         """Naive LoRA for `grasp_identify_steps` steps, then identify, reset adapter/optimizer/RNG."""
-        args = self.args
+        args, grasp_args = self.args, self.grasp_args
         stage1_dir = Path(args.output_dir) / STAGE1_DIRNAME
-        overrides = {"max_steps": args.grasp_identify_steps, "output_dir": str(stage1_dir), "save_strategy": "no",
+        overrides = {"max_steps": grasp_args.grasp_identify_steps, "output_dir": str(stage1_dir), "save_strategy": "no",
                      "push_to_hub": False, "load_best_model_at_end": False}
         saved_values = {key: getattr(args, key) for key in overrides}
         rng = _rng_state()
-        logger.warning("GRASP stage 1/2: naive LoRA for %d steps -> %s", args.grasp_identify_steps, stage1_dir)
+        logger.warning("GRASP stage 1/2: naive LoRA for %d steps -> %s", grasp_args.grasp_identify_steps, stage1_dir)
         try:
             for key, value in overrides.items():
                 setattr(args, key, value)
             super().train()
             self.model.save_pretrained(stage1_dir)
             (stage1_dir / "log_history.json").write_text(json.dumps(self.state.log_history, indent=1))
-            directions = identify_from(self.model, args, stage1_dir)
+            directions = identify_from(self.model, grasp_args, stage1_dir)
         finally:
             for key, value in saved_values.items():
                 setattr(args, key, value)
@@ -174,7 +180,7 @@ class GraspTrainerMixin:
         _set_rng_state(rng)
         self._grasp_install(directions)
         logger.warning("GRASP stage 2/2: training with %s projected out (%s mode)", directions,
-                       args.grasp_projection)
+                       grasp_args.grasp_projection)
 
     # ------------------------------------------------------------------------------------------ saving
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
@@ -197,7 +203,7 @@ class GraspTrainerMixin:
         card.write_text(card.read_text() + (
             "\n## GRASP\n\nTrained with GRASP (GRadient projection of Associated Spurious Patterns, "
             "arXiv 2605.27676): the directions below were projected out of the learning signal "
-            f"(`grasp_projection={self.args.grasp_projection}`).\n\n"
+            f"(`grasp_projection={self.grasp_args.grasp_projection}`).\n\n"
             f"- direction file: `{DIRECTIONS_FILENAME}` (sha256 `{digest}`)\n"
             f"- source: {self.grasp_directions.metadata.get('source_adapter', self.grasp_directions.source)}\n"
             f"- scope: {self.grasp_directions.metadata.get('scope', '?')}, k per layer: {ks}\n"))

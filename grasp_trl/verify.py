@@ -1,0 +1,41 @@
+"""Checking the `weights`-mode invariant from what was saved: an adapter directory and a direction file.
+
+The invariant (DESIGN §1): for every constrained LoRA module the trained update `dW = s B A` has no component
+along the layer's basis on its residual side — `||U^T dW|| <= tol ||dW||` for writers, `||dW U|| <= tol ||dW||`
+for readers. On the residual side both read `||U^T L R|| / ||L R||` with `dW_res = L R` (see `identify.py`),
+computed from `r x r` Gram matrices without forming `dW`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .directions import DirectionSet
+from .identify import factors_from_adapter_dir
+
+
+def relative_component(left: torch.Tensor, right: torch.Tensor, basis: torch.Tensor) -> float:
+    """`||U^T L R||_F / ||L R||_F` in float64, through `r x r` Grams (0.0 for a zero update)."""
+    left, right, basis = left.double(), right.double(), basis.double().to(left.device)
+    gram_right = right @ right.T
+    total = ((left.T @ left) * gram_right).sum().clamp_min(0).sqrt()
+    along_left = basis.T @ left
+    along = ((along_left @ gram_right) * along_left).sum().clamp_min(0).sqrt()
+    return float(along / total) if total > 0 else 0.0
+
+
+def saved_adapter_leakage(adapter_dir: str | Path, directions: DirectionSet, *, reader_layer: str = "own",
+                          target_modules=None) -> dict[str, float]:
+    """Relative leakage of every writer and reader update of a saved LoRA adapter along `directions`.
+
+    Modules in blocks without a basis are skipped; `reader_layer` is the projector's option of the same name.
+    """
+    factors, _ = factors_from_adapter_dir(adapter_dir, include_readers=True, target_modules=target_modules)
+    result = {}
+    for factor in factors:
+        layer = factor.layer - 1 if factor.role == "read" and reader_layer == "input" else factor.layer
+        if layer in directions.bases:
+            result[factor.name] = relative_component(factor.left, factor.right, directions.bases[layer])
+    return result

@@ -1,0 +1,44 @@
+"""Tiny local model + datasets for the TRL trainer tests (shared with the recipe/CLI tests)."""
+
+import random
+
+from datasets import Dataset
+from peft import LoraConfig
+
+from grasp_trl.tiny import save_tiny_model
+
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def words(rng, low, high, n):
+    return " ".join(f"w{rng.randrange(low, high):03d}" for _ in range(n))
+
+
+def sft_dataset(size=64, seed=0):
+    """Prompt -> a fixed word-by-word mapping (learnable, so the loss falls)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(size):
+        ids = [rng.randrange(40) for _ in range(4)]
+        rows.append({"prompt": " ".join(f"w{i:03d}" for i in ids),
+                     "completion": " " + " ".join(f"w{40 + (3 * i) % 40:03d}" for i in ids)})
+    return Dataset.from_list(rows)
+
+
+def dpo_dataset(size=48, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(size):
+        ids = [rng.randrange(40) for _ in range(3)]
+        rows.append({"prompt": " ".join(f"w{i:03d}" for i in ids),
+                     "chosen": " " + " ".join(f"w{40 + (3 * i) % 40:03d}" for i in ids),
+                     "rejected": " " + words(rng, 80, 96, 3)})
+    return Dataset.from_list(rows)
+
+
+def lora_config(r=4):
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=SEVEN)
+
+
+def make_base(directory, architecture="llama"):
+    return save_tiny_model(directory, architecture, hidden_size=32, num_layers=2, seed=0)
