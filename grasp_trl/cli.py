@@ -1,4 +1,4 @@
-"""The `grasp` console script: identify, inspect, sft, dpo, demo.
+"""The `grasp` console script: identify, inspect, probe, import, sft, dpo, demo.
 
 Every error path prints one line naming what is wrong and exits with status 2; `--debug` shows the traceback.
 """
@@ -8,6 +8,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+
+def _first_line(exc: BaseException) -> str:
+    """One line of an exception's message (some libraries raise multi-line messages)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text.strip("\"'") if isinstance(exc, KeyError) else text
 
 
 def _identify(args) -> None:
@@ -23,11 +30,130 @@ def _identify(args) -> None:
     print(f"\nwrote {path}")
 
 
+def _load_base(name: str):
+    """The base causal LM and its tokenizer; any failure becomes one line naming the model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (os.sep in name or name.startswith(".")) and not os.path.exists(name):
+        raise FileNotFoundError(f"--model {name}: model directory not found")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except Exception as exc:
+        raise ValueError(f"--model {name}: cannot load a causal LM and its tokenizer ({_first_line(exc)})") from exc
+    return model, tokenizer
+
+
+def _check_adapter_fits(model, adapter_dir, config: dict) -> None:
+    """Compare the saved LoRA shapes with the base model's modules (read from the safetensors header only),
+    so an adapter trained on another model is reported by module name instead of a state-dict dump."""
+    from safetensors import safe_open
+
+    from .modules import strip_adapter_suffix
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"{adapter_dir}: no adapter_model.safetensors (pickled .bin adapters are not read)")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as exc:
+        raise ValueError(f"{weights}: not a readable safetensors file ({_first_line(exc)})") from exc
+    modules = dict(model.named_modules())
+    trained_on = config.get("base_model_name_or_path") or "another model"
+    for key, shape in shapes.items():
+        side = "lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else None
+        if side is None:
+            continue
+        name = strip_adapter_suffix(key).removeprefix("base_model.model.")
+        module = modules.get(name)
+        if module is None or getattr(module, "weight", None) is None:
+            raise ValueError(f"{adapter_dir}: adapter module {name} does not exist in base model "
+                             f"{model.config._name_or_path} (the adapter was trained on {trained_on})")
+        out_features, in_features = module.weight.shape[::-1] if type(module).__name__ == "Conv1D" \
+            else module.weight.shape[:2]
+        found, expected = (shape[1], in_features) if side == "lora_A" else (shape[0], out_features)
+        if found != expected:
+            raise ValueError(f"{adapter_dir}: {name}.{side} has shape {shape}, but base model "
+                             f"{model.config._name_or_path} needs {'in' if side == 'lora_A' else 'out'}_features="
+                             f"{expected} there (the adapter was trained on {trained_on})")
+
+
+def _load_adapter(model, adapter_dir: str):
+    """`model` with the PEFT adapter in `adapter_dir`; a wrong or foreign adapter is one clear line."""
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from .identify import read_adapter_config
+
+    config = read_adapter_config(Path(adapter_dir))  # missing / not an adapter / not LoRA: clear errors
+    _check_adapter_fits(model, Path(adapter_dir), config)
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir)
+    except Exception as exc:
+        name = getattr(model.config, "_name_or_path", "")
+        raise ValueError(f"--adapter {adapter_dir}: cannot be applied to base model {name} "
+                         f"({_first_line(exc)})") from exc
+
+
 def _inspect(args) -> None:
-    from .diagnostics import inspect_report
+    from .diagnostics import inspect_report, logit_lens, logit_lens_report
     from .directions import DirectionSet
 
-    print(inspect_report(DirectionSet.load(args.file)))
+    directions = DirectionSet.load(args.file)
+    print(inspect_report(directions))
+    readout = None
+    if args.model:
+        model, tokenizer = _load_base(args.model)
+        readout = logit_lens(model, tokenizer, directions, top=args.top)
+        print("\n" + logit_lens_report(readout))
+    if args.plot:
+        from .plots import plot_directions, save_png
+
+        print(f"\nwrote {save_png(plot_directions(directions, readout), args.plot)}")
+
+
+def _probe(args) -> None:
+    from .directions import DirectionSet
+    from .probe import DEFAULT_PROMPTS, drift_probe, load_prompts
+
+    directions = DirectionSet.load(args.directions)
+    prompts = load_prompts(args.prompts or DEFAULT_PROMPTS)
+    model, tokenizer = _load_base(args.model)
+    directions.validate_for(model)
+    model = _load_adapter(model, args.adapter)
+    result = drift_probe(model, tokenizer, prompts, directions, batch_size=args.batch_size,
+                         n_bootstrap=args.bootstrap, seed=args.seed)
+    print(result.table())
+    if args.plot:
+        from .plots import plot_probe, save_png
+
+        print(f"\nwrote {save_png(plot_probe(result), args.plot)}")
+
+
+def _import(args) -> None:
+    from .diagnostics import inspect_report
+    from .directions import DirectionSet
+    from .importers import import_directions
+
+    num_layers = args.num_layers
+    if args.model and num_layers is None:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(args.model)
+        except Exception as exc:
+            raise ValueError(f"--model {args.model}: cannot read its config ({_first_line(exc)})") from exc
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        num_layers = next((getattr(config, key) for key in ("num_hidden_layers", "n_layer", "num_layers")
+                           if getattr(config, key, None)), None)
+    directions = import_directions(args.file, args.format, num_layers=num_layers, layers=args.layers)
+    if args.model:
+        directions.metadata["base_model"] = args.model
+    path = directions.save(args.output)
+    print(inspect_report(DirectionSet.load(path)))
+    print(f"\nwrote {path}")
 
 
 def _demo(args) -> None:
@@ -63,9 +189,38 @@ def build_parser() -> argparse.ArgumentParser:
                           help="decoder blocks of the base model (read from its local config when omitted)")
     identify.set_defaults(run=_identify)
 
-    inspect = commands.add_parser("inspect", help="report on a direction file")
+    inspect = commands.add_parser("inspect", help="report on a direction file (text, optional plot, logit lens)")
     inspect.add_argument("file")
+    inspect.add_argument("--plot", metavar="PNG", help="write spectrum / energy / cross-layer |cos| panels here")
+    inspect.add_argument("--model", metavar="BASE", help="base model: also read each direction out through its "
+                         "final norm + unembedding (tokens promoted / suppressed)")
+    inspect.add_argument("--top", type=int, default=8, help="tokens per side in the logit lens (default 8)")
     inspect.set_defaults(run=_inspect)
+
+    probe = commands.add_parser("probe", help="judge-free drift probe: shift of the residual stream along the "
+                                "directions, fine-tuned minus base, on neutral prompts, with a bootstrap CI")
+    probe.add_argument("--model", required=True, metavar="BASE", help="base model (directory or hub id)")
+    probe.add_argument("--adapter", required=True, metavar="DIR", help="fine-tuned PEFT adapter directory")
+    probe.add_argument("--directions", required=True, metavar="FILE", help="direction file (.safetensors)")
+    probe.add_argument("--prompts", default=None, metavar="FILE.jsonl",
+                       help="JSONL with a 'prompt' or 'text' per line (default: the shipped neutral prompts)")
+    probe.add_argument("--plot", metavar="PNG", help="also plot the shift per layer with its CI")
+    probe.add_argument("--batch-size", type=int, default=16)
+    probe.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    probe.add_argument("--seed", type=int, default=0)
+    probe.set_defaults(run=_probe)
+
+    imp = commands.add_parser("import", help="import persona/steering vectors into a direction file")
+    imp.add_argument("file", help="a layer tensor [L+1, d] (row 0 = embeddings, row l+1 = after block l; .pt or "
+                     ".safetensors) or a {layer: vector} safetensors file (layer = block index)")
+    imp.add_argument("-o", "--output", required=True, help="direction file to write (.safetensors)")
+    imp.add_argument("--format", choices=["auto", "layer-tensor", "layer-dict"], default="auto")
+    imp.add_argument("--num-layers", type=int, default=None,
+                     help="decoder blocks of the target model (checked for a layer tensor; needed for a "
+                     "{layer: vector} file unless --model is given, else inferred from the largest key)")
+    imp.add_argument("--model", metavar="BASE", help="target base model (its config gives num_layers)")
+    imp.add_argument("--layers", type=int, nargs="+", default=None, help="keep only these block indices")
+    imp.set_defaults(run=_import)
 
     demo = commands.add_parser("demo", help="tiny end-to-end run: naive LoRA, identify, re-train with projection")
     demo.add_argument("--output-dir", default="outputs/demo")
@@ -85,10 +240,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, OSError, KeyError) as exc:
+    except Exception as exc:
         if args.debug:
             raise
-        print(f"grasp {args.command}: error: {exc}", file=sys.stderr)
+        expected = isinstance(exc, (ValueError, OSError, KeyError, ImportError))
+        kind = "" if expected else f"{type(exc).__name__}: "
+        hint = "" if expected else " (run with --debug for the traceback)"
+        print(f"grasp {args.command}: error: {kind}{_first_line(exc)}{hint}", file=sys.stderr)
         return 2
     return 0
 

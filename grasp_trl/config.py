@@ -59,6 +59,10 @@ def validate_grasp_fields(values: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"grasp_target_modules: expected a mapping of module name -> 'write' or 'read'; "
                              f"found {modules!r}")
         values["grasp_target_modules"] = modules
+    drift_steps = values.get("grasp_drift_steps")
+    if drift_steps is not None and (isinstance(drift_steps, bool) or not isinstance(drift_steps, int)
+                                    or drift_steps <= 0):
+        raise ValueError(f"grasp_drift_steps: expected a positive number of steps; found {drift_steps!r}")
     return values
 
 
@@ -96,6 +100,16 @@ class GraspArguments:
                 "whose modules GRASP does not know by name, e.g. '{\"out_x\": \"write\", \"in_x\": \"read\"}'."})
     grasp_include_readers: bool = field(default=False, metadata={
         "help": "Identification: also stack the readers' input-side updates of each block."})
+    grasp_drift_steps: int | None = field(default=None, metadata={
+        "help": "Drift monitor (works with or without GRASP): every this many optimizer steps, log "
+                "grasp/drift/layer_{l}, the mean shift of the residual stream along the directions since train "
+                "start on held-out prompts. Off when unset."})
+    grasp_drift_directions: str | None = field(default=None, metadata={
+        "help": "Direction file the drift monitor reads along (default: grasp_directions, or the directions "
+                "identified in stage 1)."})
+    grasp_drift_prompts: str | None = field(default=None, metadata={
+        "help": "JSONL of held-out prompts for the drift monitor ('prompt' or 'text' per line; default: the "
+                "shipped neutral prompts)."})
 
     def __post_init__(self):
         validated = validate_grasp_fields({name: getattr(self, name) for name in grasp_field_names()})

@@ -168,7 +168,8 @@ class DirectionSet:
             "num_layers": self.num_layers,
             "k": {str(l): b.shape[1] for l, b in self.bases.items()},
         }
-        tensors = {f"layers.{l}.basis": b.contiguous() for l, b in self.bases.items()}
+        # clone: layers of a global set may share one tensor, which safetensors refuses to write twice
+        tensors = {f"layers.{l}.basis": b.contiguous().clone() for l, b in self.bases.items()}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"grasp": json.dumps(meta)}))
         return Path(path)
 

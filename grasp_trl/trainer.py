@@ -27,6 +27,7 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from .callbacks import GraspCallback
 from .config import DIRECTIONS_FILENAME, STAGE1_DIRNAME, GraspArguments
 from .directions import DirectionFileError, DirectionSet, atomic_write, sha256_of
+from .drift import GraspDriftCallback, drift_callback_from_args
 from .identify import extract_directions
 from .projection import GradientProjector
 
@@ -85,6 +86,7 @@ class GraspTrainerMixin:
 
     grasp_projector: GradientProjector | None = None
     grasp_callback: GraspCallback | None = None
+    grasp_drift: GraspDriftCallback | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -96,6 +98,9 @@ class GraspTrainerMixin:
         self.grasp_args = grasp_args
         self.grasp_callback = GraspCallback()
         self.add_callback(self.grasp_callback)
+        self.grasp_drift = drift_callback_from_args(grasp_args)
+        if self.grasp_drift is not None:
+            self.add_callback(self.grasp_drift)
         self._grasp_initial_adapter = None
         if not grasp_args.grasp_enabled:
             return
@@ -117,11 +122,15 @@ class GraspTrainerMixin:
         self.grasp_directions = directions
         self.grasp_projector = build_projector(self.model, self.grasp_args, directions)
         self.grasp_callback.projector = self.grasp_projector
+        if self.grasp_drift is not None and self.grasp_drift.directions is None:
+            self.grasp_drift.directions = directions
         logger.info("GRASP: projecting %s (%s mode)", directions, self.grasp_args.grasp_projection)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self.grasp_callback is not None:
             logs.update(self.grasp_callback.metrics())
+        if self.grasp_drift is not None:
+            logs.update(self.grasp_drift.metrics())
         super().log(logs, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------- training
@@ -190,18 +199,20 @@ class GraspTrainerMixin:
             atomic_write(Path(output_dir or self.args.output_dir) / DIRECTIONS_FILENAME,
                          lambda tmp: shutil.copyfile(source, tmp))
 
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+    def create_model_card(self, *args, tags=None, **kwargs):
+        """The parent's model card plus a GRASP section. Arguments pass through: TRL's trainers take
+        `model_name`/`dataset_name`, `transformers.Trainer` (Axolotl's SFT trainer) `model_name`/`dataset_tags`."""
         tags = list([tags] if isinstance(tags, str) else tags or [])
         if self.grasp_projector is not None:
             tags.append("grasp")
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        super().create_model_card(*args, tags=tags, **kwargs)
         card = Path(self.args.output_dir) / "README.md"
         if self.grasp_projector is None or not self.is_world_process_zero() or not card.is_file():
             return
         digest = sha256_of(self.grasp_directions.source)
         ks = {l: self.grasp_directions.k(l) for l in self.grasp_directions.bases}
         card.write_text(card.read_text() + (
-            "\n## GRASP\n\nTrained with GRASP (GRadient projection of Associated Spurious Patterns, "
+            "\n\n## GRASP\n\nTrained with GRASP (GRadient projection of Associated Spurious Patterns, "
             "arXiv 2605.27676): the directions below were projected out of the learning signal "
             f"(`grasp_projection={self.grasp_args.grasp_projection}`).\n\n"
             f"- direction file: `{DIRECTIONS_FILENAME}` (sha256 `{digest}`)\n"

@@ -45,6 +45,15 @@ def randomise_lora_b(model, seed=0, scale=0.1):
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a 2-core box two threads mostly spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_batch():
     generator = torch.Generator().manual_seed(1)

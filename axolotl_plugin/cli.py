@@ -1,0 +1,81 @@
+"""`axolotl grasp-identify CONFIG`: directions from a naive LoRA run that Axolotl trained with CONFIG.
+
+The two-run workflow (instead of `grasp_identify_steps` in one run): train a naive LoRA with `axolotl train`,
+run this command on the same YAML, then train again with `grasp: true` and the printed `grasp_directions`.
+It reads the `grasp_*` keys (k, scope, energy, readers, module overrides) from the YAML and writes the
+direction file and `spectrum.json` into the adapter directory, like stage 1 of a one-run job does.
+Registered under Axolotl's `axolotl.cli_commands` entry point group (see pyproject.toml).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import yaml
+
+
+@click.command("grasp-identify")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--adapter", "adapter_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="LoRA adapter directory to identify from (default: the config's output_dir).")
+def grasp_identify(config: Path, adapter_dir: Path | None) -> None:
+    """Extract GRASP directions from the LoRA adapter a naive `axolotl train CONFIG` run saved."""
+    from grasp_trl.diagnostics import inspect_report
+    from grasp_trl.trainer import identify_from
+
+    from .args import grasp_arguments
+
+    try:
+        raw = yaml.safe_load(config.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{config}: expected a YAML mapping of Axolotl keys; found {type(raw).__name__}")
+        if adapter_dir is None and not raw.get("output_dir"):
+            raise ValueError(f"{config}: no output_dir to read the adapter from; pass --adapter DIR")
+        adapter_dir = adapter_dir or Path(raw["output_dir"])
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise ValueError(f"{adapter_dir}: no adapter_config.json: not a saved LoRA adapter directory")
+        directions = identify_from(str(adapter_dir), grasp_arguments(raw), adapter_dir)
+    except (ValueError, OSError) as exc:  # DirectionFileError is a ValueError
+        raise click.ClickException(str(exc)) from exc
+    click.echo(inspect_report(directions))
+    click.echo(f"\nwrote {directions.source} and {adapter_dir / 'spectrum.json'}\n"
+               f"train with GRASP by adding to the YAML:\n\n"
+               f"plugins:\n  - axolotl_plugin.GraspPlugin\ngrasp: true\ngrasp_directions: {directions.source}")
+
+
+PLUGIN = "axolotl_plugin.GraspPlugin"
+
+
+def plugin_problem(raw: dict) -> str | None:
+    """Why Axolotl would ignore the `grasp*` keys of a parsed YAML config (None when it would not)."""
+    keys = sorted(key for key in raw if key == "grasp" or key.startswith("grasp_"))
+    if keys and PLUGIN not in (raw.get("plugins") or []):
+        return (f"{', '.join(keys)} set but `plugins:` does not list {PLUGIN}: Axolotl drops these keys without "
+                f"a word and trains WITHOUT GRASP. Add:\nplugins:\n  - {PLUGIN}")
+    return None
+
+
+@click.command("grasp-check")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def grasp_check(config: Path) -> None:
+    """Check a YAML before a long run: are the GRASP keys valid, and will Axolotl load the plugin at all?"""
+    from pydantic import ValidationError
+
+    from .args import GraspArgs
+
+    raw = yaml.safe_load(config.read_text()) or {}
+    problem = plugin_problem(raw)
+    if problem:
+        raise click.ClickException(f"{config}: {problem}")
+    try:
+        args = GraspArgs(**{key: value for key, value in raw.items() if key in GraspArgs.model_fields})
+    except ValidationError as exc:
+        raise click.ClickException(f"{config}: {exc}") from exc
+    if not args.grasp:
+        click.echo(f"{config}: GRASP is off (no `grasp: true`)")
+        return
+    source = (f"direction file {args.grasp_directions}" if args.grasp_directions
+              else f"identify after {args.grasp_identify_steps} naive steps")
+    click.echo(f"{config}: GRASP on: {source}; {args.grasp_projection} projection, k={args.grasp_num_directions}, "
+               f"{args.grasp_scope}")
