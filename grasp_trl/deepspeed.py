@@ -17,8 +17,17 @@ import torch
 
 
 def _fp32_master(param: torch.nn.Parameter) -> torch.Tensor | None:
-    """The full fp32 master value DeepSpeed keeps for `param`, or None when DeepSpeed's optimizer doesn't own it."""
-    if not (hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")):
+    """The full fp32 master value DeepSpeed keeps for `param`, or None when DeepSpeed's optimizer doesn't own it.
+
+    A ZeRO-3 parameter exists before its optimizer does (a model loaded under `zero.Init`, which is what
+    `from_pretrained` does with a ZeRO-3 config): it has no master yet. ZeRO-1/2 parameters get `_hp_mapping`
+    from the optimizer on every rank (None where another rank holds the whole fragment); reading the master
+    is then a collective every rank must join.
+    """
+    if is_zero3(param):
+        if getattr(param, "_z3_optimizer", None) is None:
+            return None
+    elif not hasattr(param, "_hp_mapping"):
         return None
     from deepspeed.utils import safe_get_full_fp32_param
 

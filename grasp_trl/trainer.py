@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from .callbacks import GraspCallback
+from .callbacks import GraspCallback, reject_fsdp
 from .config import DIRECTIONS_FILENAME, STAGE1_DIRNAME, GraspArguments
 from .directions import DirectionFileError, DirectionSet, atomic_write, sha256_of
 from .drift import GraspDriftCallback, drift_callback_from_args
@@ -104,6 +104,7 @@ class GraspTrainerMixin:
         self._grasp_initial_adapter = None
         if not grasp_args.grasp_enabled:
             return
+        reject_fsdp(self.args)  # fail at construction, before stage 1 or any FSDP wrapping
         if grasp_args.grasp_directions is not None:
             self._grasp_install(DirectionSet.load(grasp_args.grasp_directions))
         else:

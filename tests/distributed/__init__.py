@@ -1,0 +1,1 @@
+"""Worker scripts launched by torchrun from the distributed tests, and the helpers that launch them."""

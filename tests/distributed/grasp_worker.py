@@ -1,0 +1,236 @@
+"""Runs several GRASP training configurations in one process and records what the tests compare.
+
+Launched by tests/test_deepspeed.py and tests/test_qlora.py, because starting torch.distributed + DeepSpeed
+costs far more than the tiny runs themselves:
+
+    torchrun --nproc_per_node 2 tests/distributed/grasp_worker.py RUNS.json   # DeepSpeed ZeRO, 2 CPU ranks
+    python tests/distributed/grasp_worker.py RUNS.json                        # single-process references
+
+RUNS.json: {"base_dir": ..., "directions": ..., "runs": [{...}, ...]}; each run writes its final adapter (or
+full model) to `<out_dir>/<name>/` and rank 0 writes `<out_dir>/<name>/result.json` (log history, the fp32
+master leakage DeepSpeed holds at the end, timing). Run keys:
+
+    name, out_dir, steps, per_device, grad_accum, lr, projection, trainer ("sft"/"dpo"), full (bool: full
+    fine-tuning), qlora (bool), gradient_checkpointing (non-reentrant), bf16;
+    deepspeed (recipe path; required under torchrun), zero_overrides (merged into
+    zero_optimization), config_overrides (top-level keys; null deletes one), zero_init (load the model after a
+    ZeRO-3 config, i.e. partitioned while loading), checkpoint (save a checkpoint, DeepSpeed's included, after
+    the last step), bypass_master (skip writing the fp32 master in the post-step projection, to show that it
+    matters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DISTRIBUTED = int(os.environ.get("WORLD_SIZE", "1")) > 1
+if DISTRIBUTED:  # DESIGN §6: DeepSpeed through accelerate on CPU ranks (set before the PartialState exists)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+
+import torch  # noqa: E402
+
+SEVEN_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def sft_dataset(size: int):
+    """`size` prompt/completion rows of identical token length (so any split into micro-batches or ranks
+    gives the same mean loss as one batch): 4 random words -> a fixed word-by-word mapping."""
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(size):
+        ids = [rng.randrange(48) for _ in range(4)]
+        rows.append({"prompt": " ".join(f"w{i:03d}" for i in ids),
+                     "completion": " " + " ".join(f"w{48 + (7 * i + 3) % 48:03d}" for i in ids)})
+    return Dataset.from_list(rows)
+
+
+def dpo_dataset(size: int):
+    from datasets import Dataset
+
+    rows = [{"prompt": r["prompt"], "chosen": r["completion"],
+             "rejected": " " + " ".join(reversed(r["completion"].split()))} for r in sft_dataset(size)]
+    return Dataset.from_list(rows)
+
+
+def deepspeed_config(run: dict) -> dict | None:
+    """The recipe file, with the run's `zero_overrides` merged into `zero_optimization`."""
+    if not run.get("deepspeed"):
+        return None
+    config = json.loads(Path(run["deepspeed"]).read_text())
+    config["zero_optimization"].update(run.get("zero_overrides", {}))
+    for key, value in run.get("config_overrides", {}).items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    return config
+
+
+def build_model(base_dir: str, run: dict):
+    """Base model (4-bit nf4 for QLoRA) wrapped in a deterministic LoRA adapter, or the full model."""
+    from transformers import AutoModelForCausalLM, set_seed
+
+    set_seed(0)
+    kwargs = {"dtype": torch.bfloat16 if run.get("qlora") else torch.float32}
+    if run.get("qlora"):
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    if run.get("full"):
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    if run.get("qlora"):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=run.get(
+            "gradient_checkpointing", False))
+    set_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN_MODULES, lora_dropout=0.0)
+    return get_peft_model(model, config)
+
+
+@contextmanager
+def bypassed_master(enabled: bool):
+    """With `enabled`, the post-step projection writes the working copy only, never DeepSpeed's fp32 master
+    (the naive callback this project replaces). Used to prove that the master update matters."""
+    if not enabled:
+        yield
+        return
+    import grasp_trl.deepspeed as ds
+
+    original = ds._fp32_master
+    ds._fp32_master = lambda param: None
+    try:
+        yield
+    finally:
+        ds._fp32_master = original
+
+
+def train_one(spec: dict, run: dict) -> dict:
+    from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from grasp_trl.trainer import GraspDPOConfig, GraspDPOTrainer, GraspSFTConfig, GraspSFTTrainer
+
+    out = Path(run["out_dir"]) / run["name"]
+    dpo = run.get("trainer") == "dpo"
+    common = dict(
+        output_dir=str(out), max_steps=run["steps"], per_device_train_batch_size=run["per_device"],
+        gradient_accumulation_steps=run.get("grad_accum", 1), learning_rate=run.get("lr", 1e-2),
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
+        save_strategy="steps" if run.get("checkpoint") else "no", save_steps=run["steps"], report_to=[], seed=0,
+        data_seed=0, bf16=run.get("bf16", False), gradient_checkpointing=run.get("gradient_checkpointing", False),
+        gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=0,
+        deepspeed=deepspeed_config(run), grasp_directions=spec["directions"],
+        grasp_projection=run["projection"], disable_tqdm=True)
+    if DISTRIBUTED:
+        common["accelerator_config"] = {"use_configured_state": True}
+    if run.get("bf16") or not DISTRIBUTED:
+        common["use_cpu"] = True  # transformers refuses bf16 without a GPU otherwise
+    size = run["per_device"] * run.get("grad_accum", 1) * int(os.environ.get("WORLD_SIZE", "1"))
+    # Built before the config, the model loads whole and DeepSpeed partitions it at start; with `zero_init`
+    # it loads after a ZeRO-3 config, so `from_pretrained` partitions it while loading (zero.Init).
+    model = None if run.get("zero_init") else build_model(spec["base_dir"], run)
+    config_class, trainer_class, data = ((GraspDPOConfig, GraspDPOTrainer, dpo_dataset(size)) if dpo else
+                                         (GraspSFTConfig, GraspSFTTrainer, sft_dataset(size)))
+    config = config_class(**common, max_length=32, **({"beta": 0.1} if dpo else {}))
+    model = model if model is not None else build_model(spec["base_dir"], run)
+    trainer = trainer_class(model=model, args=config, train_dataset=data, processing_class=spec["tokenizer"])
+    quantized_before = quantized_state(trainer.model) if run.get("qlora") else None
+    residual = probe_residual_gradients(trainer) if trainer.grasp_projector.uses_activations else None
+    start = time.perf_counter()
+    with bypassed_master(run.get("bypass_master", False)):
+        trainer.train()
+    seconds = time.perf_counter() - start
+    master_leakage = trainer.grasp_projector.leakage()  # reads DeepSpeed's fp32 master where there is one
+    trainer.save_model()
+    result = {"name": run["name"], "seconds": seconds, "master_leakage": master_leakage,
+              "log_history": trainer.state.log_history,
+              "engine": type(trainer.model_wrapped).__name__,
+              "zero_stage": getattr(trainer.accelerator.state.deepspeed_plugin, "zero_stage", None),
+              "trainable_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad})}
+    if residual is not None:
+        result["residual_leakage"], result["residual_gradients_seen"] = residual["max"], residual["count"]
+    if quantized_before is not None:
+        after = quantized_state(trainer.model)
+        result["quantized_modules"] = len({key.split(".weight")[0] for key in after})
+        result["quantized_unchanged"] = all(torch.equal(quantized_before[k], after[k]) for k in after)
+    if trainer.args.should_save:
+        (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    trainer.accelerator.free_memory()
+    unset_hf_deepspeed_config()  # the next run's model must load unpartitioned again
+    AcceleratorState._reset_state()  # keeps the process group; lets the next run bring its own DeepSpeed config
+    return result
+
+
+def probe_residual_gradients(trainer) -> dict:
+    """Record `max ||g U_l|| / ||g||` over the gradients that leave each hooked residual `h_l` during training
+    (DESIGN §1's activations invariant), observed by hooks registered after the projector's, so they see
+    what the projector passed on; with gradient checkpointing they follow the recomputed forward too."""
+    from grasp_trl.modules import decoder_blocks
+
+    stats = {"max": 0.0, "count": 0}
+    bases = trainer.grasp_directions.bases
+
+    def record(layer, grad):
+        basis = bases[layer].to(grad.device)
+        ratio = float((grad.float() @ basis).norm() / grad.float().norm().clamp_min(1e-30))
+        stats["max"], stats["count"] = max(stats["max"], ratio), stats["count"] + 1
+
+    def on_output(layer, module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            hidden.register_hook(lambda grad: record(layer, grad))
+
+    blocks = decoder_blocks(trainer.model)
+    for layer in bases:
+        blocks[layer].register_forward_hook(lambda m, a, o, layer=layer: on_output(layer, m, a, o))
+    return stats
+
+
+def quantized_state(model) -> dict[str, torch.Tensor]:
+    """Every bitsandbytes 4-bit layer's packed weight and quantisation constants, as its state dict stores them
+    (bitsandbytes may repack weights for its CPU kernel; the state dict is the canonical format)."""
+    import bitsandbytes as bnb
+
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            for key, value in module.state_dict().items():
+                if key.startswith("weight"):  # compared as raw bytes: packed nf4 viewed as bf16 holds NaN patterns
+                    state[f"{name}.{key}"] = value.detach().contiguous().view(torch.uint8).clone()
+    return state
+
+
+def main(path: str) -> None:
+    spec = json.loads(Path(path).read_text())
+    if DISTRIBUTED:
+        from accelerate import PartialState
+
+        PartialState(backend="gloo")
+    from transformers import AutoTokenizer
+
+    spec["tokenizer"] = AutoTokenizer.from_pretrained(spec["base_dir"])
+    for run in spec["runs"]:
+        train_one(spec, run)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
