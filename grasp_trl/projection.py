@@ -56,6 +56,20 @@ def project_out(x: torch.Tensor, basis: torch.Tensor, dim: int) -> torch.Tensor:
     return out.reshape(x.shape).to(x.dtype)
 
 
+def relative_component(left: torch.Tensor, right: torch.Tensor, basis: torch.Tensor) -> float:
+    """`||U^T L R||_F / ||L R||_F` in float64 through `r x r` Grams, never forming `L R` (0.0 for zero).
+
+    With `L R` the residual side of a LoRA update (`B A` for writers, `A^T B^T` for readers) this is the
+    relative leakage of the update along the basis.
+    """
+    left, right, basis = left.double(), right.double(), basis.double().to(left.device)
+    gram_right = right @ right.T
+    total = ((left.T @ left) * gram_right).sum().clamp_min(0).sqrt()
+    along_left = basis.T @ left
+    along = ((along_left @ gram_right) * along_left).sum().clamp_min(0).sqrt()
+    return float(along / total) if total > 0 else 0.0
+
+
 @dataclass
 class Constraint:
     """One parameter whose change must stay orthogonal to `basis` on its residual-side dimension `dim`."""
@@ -236,11 +250,14 @@ class GradientProjector:
             return lora
         return self._full_constraints()
 
+    def _adapter(self) -> str:
+        """The PEFT adapter being constrained: `adapter_name`, else the model's (first) active adapter."""
+        adapter = self.adapter_name or getattr(self.model, "active_adapter", "default")
+        return adapter[0] if isinstance(adapter, (list, tuple)) else adapter
+
     def _lora_constraints(self) -> list[Constraint] | None:
         """Constraints on LoRA A/B, or None when the model has no LoRA layers (full fine-tuning)."""
-        adapter = self.adapter_name or getattr(self.model, "active_adapter", "default")
-        if isinstance(adapter, (list, tuple)):
-            adapter = adapter[0]
+        adapter = self._adapter()
         constraints, seen_lora = [], False
         for name, module in self.model.named_modules():
             lora_a = getattr(module, "lora_A", None)
@@ -345,22 +362,12 @@ class GradientProjector:
                 excess = constraint.component(weight) - constraint.anchor
                 result[constraint.name] = float(excess.norm() / weight.norm().clamp_min(1e-30))
                 continue
-            module_name = constraint.name.rsplit(".", 1)[0]
-            module = self.model.get_submodule(module_name)
-            adapter = self.adapter_name or getattr(self.model, "active_adapter", "default")
-            adapter = adapter[0] if isinstance(adapter, (list, tuple)) else adapter
-            lora_a = full_fp32(module.lora_A[adapter].weight).double()
-            lora_b = full_fp32(module.lora_B[adapter].weight).double()
-            basis = constraint.basis.double().to(lora_a.device)
-            gram_a, gram_b = lora_a @ lora_a.T, lora_b.T @ lora_b
-            total = (gram_b * gram_a).sum().clamp_min(0).sqrt()
-            if constraint.dim == 0:  # ||U^T B A||^2 = tr((U^T B) G_A (U^T B)^T)
-                ub = basis.T @ lora_b
-                along = ((ub @ gram_a) * ub).sum().clamp_min(0).sqrt()
-            else:  # ||B A U||^2 = tr((A U)^T G_B (A U))
-                au = lora_a @ basis
-                along = ((gram_b @ au) * au).sum().clamp_min(0).sqrt()
-            result[constraint.name] = float(along / total) if total > 0 else 0.0
+            module = self.model.get_submodule(constraint.name.rsplit(".", 1)[0])
+            lora_a = full_fp32(module.lora_A[self._adapter()].weight)
+            lora_b = full_fp32(module.lora_B[self._adapter()].weight)
+            # residual side of dW = B A: writers B @ A, readers (B A)^T = A^T @ B^T
+            left, right = (lora_b, lora_a) if constraint.dim == 0 else (lora_a.T, lora_b.T)
+            result[constraint.name] = relative_component(left, right, constraint.basis)
         return result
 
     def leakage(self) -> float:

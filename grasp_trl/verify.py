@@ -10,20 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .directions import DirectionSet
 from .identify import factors_from_adapter_dir
-
-
-def relative_component(left: torch.Tensor, right: torch.Tensor, basis: torch.Tensor) -> float:
-    """`||U^T L R||_F / ||L R||_F` in float64, through `r x r` Grams (0.0 for a zero update)."""
-    left, right, basis = left.double(), right.double(), basis.double().to(left.device)
-    gram_right = right @ right.T
-    total = ((left.T @ left) * gram_right).sum().clamp_min(0).sqrt()
-    along_left = basis.T @ left
-    along = ((along_left @ gram_right) * along_left).sum().clamp_min(0).sqrt()
-    return float(along / total) if total > 0 else 0.0
+from .projection import relative_component
 
 
 def saved_adapter_leakage(adapter_dir: str | Path, directions: DirectionSet, *, reader_layer: str = "own",

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from grasp_trl.config import DIRECTIONS_FILENAME
 from grasp_trl.directions import DirectionSet
-from grasp_trl.modules import block_index, classify
+from grasp_trl.modules import classify
+from grasp_trl.verify import saved_adapter_leakage
 
 AXOLOTL = str(Path(sys.executable).with_name("axolotl"))
 SEVEN_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -99,24 +100,9 @@ def run_axolotl(cfg: dict | Path, workdir: Path, *args: str, timeout: float = 90
 
 
 def saved_leakage(adapter_dir: Path, directions_file: Path | None = None) -> dict[str, float]:
-    """Per LoRA module of the saved adapter: ||U^T dW||/||dW|| (writers) or ||dW U||/||dW|| (readers), with
-    dW = B A from `adapter_model.safetensors` and U the block's basis from the saved direction file (fp64).
-    The LoRA scale cancels in the ratio."""
+    """Per LoRA module of the saved adapter, its relative leakage along the saved direction file's basis."""
     directions = DirectionSet.load(directions_file or adapter_dir / DIRECTIONS_FILENAME)
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    ratios = {}
-    for key, a in tensors.items():
-        if ".lora_A." not in key:
-            continue
-        module = key.split(".lora_A.")[0]
-        role, layer = classify(module), block_index(module)
-        if role is None or layer not in directions.bases:
-            continue
-        delta = tensors[key.replace(".lora_A.", ".lora_B.")].double() @ a.double()
-        basis = directions.bases[layer].double()
-        side = basis.T @ delta if role == "write" else delta @ basis
-        ratios[module] = float(side.norm() / delta.norm())
-    return ratios
+    return saved_adapter_leakage(adapter_dir, directions)
 
 
 def assert_invariant(adapter_dir: Path, tol: float = 1e-6) -> dict[str, float]:
