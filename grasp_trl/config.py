@@ -81,13 +81,14 @@ class GraspArguments:
     grasp_energy: float | None = field(default=None, metadata={
         "help": "Choose k per layer as the smallest number of directions capturing this fraction of the stage-1 "
                 "update's squared spectrum (capped at grasp_num_directions)."})
-    grasp_scope: str = field(default="per_layer", metadata={
-        "help": "per_layer: one basis per block from that block's writer updates; global: one basis from all "
-                "blocks' writer updates, applied at every layer."})
-    grasp_projection: str = field(default="activations", metadata={
+    grasp_scope: str = field(default="global", metadata={
+        "help": "global (default): one basis from all blocks' writer updates, applied at every layer; per_layer: "
+                "one basis per block from that block's writer updates (worse in the organism benchmark)."})
+    grasp_projection: str = field(default="weights", metadata={
         "help": "activations: project the directions out of the gradient of every block's output residual "
-                "(forward untouched); weights: constrain the LoRA/full-weight update to be orthogonal to them; "
-                "both: both."})
+                "(forward untouched); weights (default): constrain the LoRA/full-weight update to be orthogonal to "
+                "them; both: both. The default follows benchmarks/organism: weights cut drift as much as "
+                "activations within the seed spread, without the task cost activations had there."})
     grasp_sides: str = field(default="both", metadata={
         "help": "weights mode: constrain the updates of writers (write), readers (read) or both."})
     grasp_reader_layer: str = field(default="own", metadata={

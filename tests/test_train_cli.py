@@ -26,7 +26,7 @@ def test_recipe_parses_with_every_key_known(kind):
     parser = TrlParser((ScriptArguments, config_cls, ModelConfig, DatasetMixtureConfig))
     _, config, model, _ = parser.parse_args_and_config(["--config", str(recipe), "--use_cpu", "true",
                                                          "--bf16", "false"])
-    assert config.grasp_enabled and config.grasp_projection == "activations" and model.use_peft
+    assert config.grasp_enabled and config.grasp_projection == "weights" and model.use_peft
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
