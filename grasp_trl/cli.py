@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--layers", type=int, nargs="+", default=None, help="keep only these block indices")
     imp.set_defaults(run=_import)
 
-    demo = commands.add_parser("demo", help="tiny end-to-end run: naive LoRA, identify, re-train with projection")
+    demo = commands.add_parser("demo", help="GRASP on the model organism: base vs naive vs GRASP, table + plot")
     demo.add_argument("--output-dir", default="outputs/demo")
     demo.set_defaults(run=_demo)
 

@@ -15,6 +15,8 @@ import json
 import math
 import re
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal, Mapping
@@ -28,6 +30,23 @@ from .modules import Role, block_index, classify, strip_adapter_suffix
 Scope = Literal["per_layer", "global"]
 EXACT_SVD_MAX_COLUMNS = 4096  # beyond this many stacked rank-1 columns, use randomised subspace iteration
 SPECTRUM_LENGTH = 32  # singular values reported per layer
+
+
+@contextmanager
+def single_threaded():
+    """Run torch's CPU linear algebra on one thread inside the block, restoring the caller's setting after.
+
+    Extraction is a long series of small LAPACK calls (QR of `in x r`, SVD of `d x sum r`) whose thread
+    barriers cost more than the work; on a busy machine a 2-thread SVD of a 3584 x 64 matrix measured 45x slower
+    than the 1-thread one (benchmarks/README.md). One thread is also what the large global case is fastest with
+    there, and it is never more than ~2x slower on an idle machine.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @dataclass
@@ -103,11 +122,14 @@ def read_adapter_config(directory: Path) -> dict:
     return config
 
 
-def factors_from_adapter_dir(directory: str | Path, *, include_readers: bool = False,
-                             target_modules=None) -> tuple[list[LoraFactor], dict]:
+def factors_from_adapter_dir(directory: str | Path, *, include_readers: bool = False, target_modules=None,
+                             compress: bool = False) -> tuple[list[LoraFactor], dict]:
     """Residual-side factors of a saved adapter, read with safetensors only (no base model).
 
-    Returns the factors and the adapter config. Only the tensors of selected modules are read.
+    Returns the factors and the adapter config. Only the tensors of selected modules are read. With
+    `compress`, each factor's `right` (`r x in`) is replaced as soon as it is read by the `r x r` matrix
+    `R^T` of its QR (`right^T = Q R`): `right right^T`, hence the stacked core and the directions, are unchanged,
+    and the memory held is `O(d r)` per module instead of `O((d + in) r)` (extraction uses this).
     """
     from safetensors import safe_open
 
@@ -118,7 +140,7 @@ def factors_from_adapter_dir(directory: str | Path, *, include_readers: bool = F
         raise ValueError(f"{directory}: no adapter_model.safetensors (pickled .bin adapters are not read)")
     try:
         handle = safe_open(str(weights), framework="pt")
-        keys = list(handle.keys())
+        keys = set(handle.keys())
     except Exception as exc:
         raise ValueError(f"{weights}: not a readable safetensors file ({exc})") from exc
     modules = sorted({strip_adapter_suffix(k) for k in keys if ".lora_A." in k or k.endswith(".lora_A.weight")})
@@ -137,7 +159,10 @@ def factors_from_adapter_dir(directory: str | Path, *, include_readers: bool = F
             raise ValueError(f"{weights}: cannot read {a_key}/{b_key} ({exc}); the file may be truncated") from exc
         if lora_a.shape[0] != lora_b.shape[1]:
             raise ValueError(f"{weights}: {name}: lora_A has rank {lora_a.shape[0]}, lora_B has {lora_b.shape[1]}")
-        factors.append(_factor(name, layer, role, lora_a, lora_b, _scaling(config, name, lora_a.shape[0])))
+        factor = _factor(name, layer, role, lora_a, lora_b, _scaling(config, name, lora_a.shape[0]))
+        if compress:
+            factor.right = _triangular(factor.right).T
+        factors.append(factor)
     if config.get("use_dora"):
         warnings.warn(f"{directory}: DoRA magnitude vectors ignored; extracting from B @ A only", stacklevel=2)
     return factors, config
@@ -146,11 +171,12 @@ def factors_from_adapter_dir(directory: str | Path, *, include_readers: bool = F
 # ------------------------------------------------------------------------------------------------ linear algebra
 def stacked_core(factors: Iterable[LoraFactor]) -> torch.Tensor:
     """`K` (`d x sum r`) with `K K^T = M M^T` for `M` the side-by-side stack of the factors' `dW_res`."""
-    cores = []
-    for factor in factors:
-        r_factor = torch.linalg.qr(factor.right.T, mode="r")[1]  # right^T = Q R
-        cores.append(factor.left @ r_factor.T)
-    return torch.cat(cores, dim=1)
+    return torch.cat([factor.left @ _triangular(factor.right).T for factor in factors], dim=1)
+
+
+def _triangular(right: torch.Tensor) -> torch.Tensor:
+    """`R` of `right^T = Q R` (`r x r`): `R^T R = right right^T`, all the core needs of `right`."""
+    return torch.linalg.qr(right.T, mode="r")[1]
 
 
 def top_singular(core: torch.Tensor, count: int, *, seed: int = 0, iterations: int = 6
@@ -189,6 +215,7 @@ def choose_k(singular_values: torch.Tensor, total_energy: float, k: int | None, 
 
 
 # --------------------------------------------------------------------------------------------------- public
+@single_threaded()
 def extract_directions(adapter, k: int = 1, scope: Scope = "per_layer", *, energy: float | None = None,
                        max_k: int = 8, include_readers: bool = False, layers: Iterable[int] | None = None,
                        target_modules: Mapping[str, Role] | None = None, num_layers: int | None = None,
@@ -217,13 +244,14 @@ def extract_directions(adapter, k: int = 1, scope: Scope = "per_layer", *, energ
 
     metadata: dict = {"scope": scope, "sides": "both" if include_readers else "write",
                       "selection": {"k": k} if energy is None else {"energy": energy, "max_k": max_k}}
+    digest: Future | None = None
     if isinstance(adapter, (str, Path)):
         directory = Path(adapter)
-        factors, config = factors_from_adapter_dir(directory, include_readers=include_readers,
-                                                   target_modules=target_modules)
         weights = directory / "adapter_model.safetensors"
-        metadata.update(source_adapter=str(directory.resolve()), source_adapter_sha256=sha256_of(weights),
-                        base_model=config.get("base_model_name_or_path"),
+        digest = _hash_in_background(weights) if weights.is_file() else None
+        factors, config = factors_from_adapter_dir(directory, include_readers=include_readers,
+                                                   target_modules=target_modules, compress=True)
+        metadata.update(source_adapter=str(directory.resolve()), base_model=config.get("base_model_name_or_path"),
                         base_model_revision=config.get("revision"))
         num_layers = num_layers or _layers_from_base_config(config.get("base_model_name_or_path"))
     else:
@@ -268,7 +296,18 @@ def extract_directions(adapter, k: int = 1, scope: Scope = "per_layer", *, energ
     metadata["singular_values"] = {str(l): [float(v) for v in s] for l, s in spectra.items()}
     metadata["energy_captured"] = {str(l): e for l, e in energies.items()}
     metadata["hidden_size"] = factors[0].left.shape[0]
+    if digest is not None:
+        metadata["source_adapter_sha256"] = digest.result()
     return DirectionSet({l: b.float() for l, b in bases.items()}, num_layers, metadata)
+
+
+def _hash_in_background(path: Path) -> Future:
+    """sha256 of `path` on a worker thread. hashlib releases the GIL, so hashing a multi-GB adapter overlaps the
+    (single-threaded) reading and linear algebra instead of adding to it; the digest is collected at the end."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grasp-sha256")
+    future = pool.submit(sha256_of, path)
+    pool.shutdown(wait=False)
+    return future
 
 
 def _basis(core, k, energy, max_k, count_needed):

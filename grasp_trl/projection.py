@@ -47,13 +47,27 @@ def project_out(x: torch.Tensor, basis: torch.Tensor, dim: int) -> torch.Tensor:
 
     `dim=0`: `x - U (U^T x)`; `dim=-1`/`1`: `x - (x U) U^T`. Returns a tensor of `x`'s dtype.
     """
+    return project_out_with_norms(x, basis, dim)[0]
+
+
+def project_out_with_norms(x: torch.Tensor, basis: torch.Tensor, dim: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`project_out(x, basis, dim)`, `||x||^2` and `||removed||^2`, in one fp32 pass and one allocation.
+
+    The removed part is `U c` with `c = U^T x` (or `c U^T`), so its squared norm is `||c||^2` (orthonormal
+    `U`): no second full-size tensor is formed. `addmm` writes `x - ...` straight into the output.
+    """
     x32 = x.float()
     if dim == 0:
         flat = x32.reshape(x32.shape[0], -1)
-        out = flat - basis @ (basis.T @ flat)
+        coefficients = basis.T @ flat
+        out = torch.addmm(flat, basis, coefficients, alpha=-1)
     else:
-        out = x32 - (x32 @ basis) @ basis.T
-    return out.reshape(x.shape).to(x.dtype)
+        flat = x32.reshape(-1, x32.shape[-1])
+        coefficients = flat @ basis
+        out = torch.addmm(flat, coefficients, basis.T, alpha=-1)
+    return (out.reshape(x.shape).to(x.dtype), torch.linalg.vector_norm(flat).square(),
+            coefficients.square().sum())
 
 
 def relative_component(left: torch.Tensor, right: torch.Tensor, basis: torch.Tensor) -> float:
@@ -213,16 +227,14 @@ class GradientProjector:
             hidden.register_hook(functools.partial(self._project_residual_grad, layer))
 
     def _project_residual_grad(self, layer: int, grad: torch.Tensor) -> torch.Tensor:
-        projected = project_out(grad, self._basis(layer, grad.device), dim=-1)
-        self._record(grad, projected)
+        projected, total, removed = project_out_with_norms(grad, self._basis(layer, grad.device), dim=-1)
+        self._record(total, removed)
         return projected
 
-    def _record(self, grad: torch.Tensor, projected: torch.Tensor) -> None:
+    def _record(self, total: torch.Tensor, removed: torch.Tensor) -> None:
         if not self.track_stats:
             return
         with torch.no_grad():
-            total = grad.float().pow(2).sum()
-            removed = (grad.float() - projected.float()).pow(2).sum()
             self._total_sq = total if self._total_sq is None else self._total_sq + total.to(self._total_sq.device)
             self._removed_sq = removed if self._removed_sq is None else self._removed_sq + removed.to(
                 self._removed_sq.device)
@@ -328,9 +340,9 @@ class GradientProjector:
 
     def _project_param_grad(self, constraint: Constraint, grad: torch.Tensor) -> torch.Tensor:
         basis = constraint.basis if constraint.basis.device == grad.device else constraint.basis.to(grad.device)
-        projected = project_out(grad, basis, dim=constraint.dim)
+        projected, total, removed = project_out_with_norms(grad, basis, dim=constraint.dim)
         if not self.uses_activations:
-            self._record(grad, projected)
+            self._record(total, removed)
         return projected
 
     @torch.no_grad()

@@ -31,7 +31,7 @@ def directions_file(tmp_path_factory):
 
 def common(tmp_path, steps=10, **overrides):
     values = dict(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
-                  logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0)
+                  logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0)
     values.update(overrides)
     return values
 
