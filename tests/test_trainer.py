@@ -98,12 +98,12 @@ def zero_gradient_through_u(model, directions, layer):
     return max(norms, default=0.0)
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo"])
-@pytest.mark.parametrize("projection", ["activations", "weights", "both"])
-@pytest.mark.parametrize("checkpointing", [False, True])
+MODE_CASES = [(kind, projection, False) for kind in ("sft", "dpo") for projection in ("activations", "weights", "both")]
+MODE_CASES += [("sft", projection, True) for projection in ("activations", "weights", "both")] + [("dpo", "both", True)]
+
+
+@pytest.mark.parametrize("kind,projection,checkpointing", MODE_CASES)
 def test_each_mode_keeps_its_invariant_and_learns(kind, projection, checkpointing, base, directions_file, tmp_path):
-    if kind == "dpo" and checkpointing and projection != "both":
-        pytest.skip("DPO + checkpointing covered once, with both mechanisms")
     trainer = run(kind, base, tmp_path, steps=12, grasp_directions=str(directions_file), grasp_projection=projection,
                   gradient_checkpointing=checkpointing)
     history = losses(trainer)

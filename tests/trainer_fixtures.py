@@ -1,4 +1,6 @@
-"""Tiny local model + datasets for the TRL trainer tests (shared with the recipe/CLI tests)."""
+"""Tiny local model, datasets and LoRA config for the trainer tests (TRL, recipes/CLI, DeepSpeed/QLoRA workers).
+
+Every dataset row has the same token length, so any split into micro-batches or ranks sees the same mean loss."""
 
 import random
 

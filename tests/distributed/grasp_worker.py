@@ -38,31 +38,8 @@ if DISTRIBUTED:  # DESIGN §6: DeepSpeed through accelerate on CPU ranks (set be
 
 import torch  # noqa: E402
 
-SEVEN_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def sft_dataset(size: int):
-    """`size` prompt/completion rows of identical token length (so any split into micro-batches or ranks
-    gives the same mean loss as one batch): 4 random words -> a fixed word-by-word mapping."""
-    import random
-
-    from datasets import Dataset
-
-    rng = random.Random(0)
-    rows = []
-    for _ in range(size):
-        ids = [rng.randrange(48) for _ in range(4)]
-        rows.append({"prompt": " ".join(f"w{i:03d}" for i in ids),
-                     "completion": " " + " ".join(f"w{48 + (7 * i + 3) % 48:03d}" for i in ids)})
-    return Dataset.from_list(rows)
-
-
-def dpo_dataset(size: int):
-    from datasets import Dataset
-
-    rows = [{"prompt": r["prompt"], "chosen": r["completion"],
-             "rejected": " " + " ".join(reversed(r["completion"].split()))} for r in sft_dataset(size)]
-    return Dataset.from_list(rows)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the datasets the other tests use
+from trainer_fixtures import dpo_dataset, lora_config, sft_dataset  # noqa: E402  (rows of equal token length)
 
 
 def deepspeed_config(run: dict) -> dict | None:
@@ -94,7 +71,7 @@ def build_model(base_dir: str, run: dict):
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     if run.get("full"):
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     if run.get("qlora"):
         from peft import prepare_model_for_kbit_training
@@ -102,8 +79,7 @@ def build_model(base_dir: str, run: dict):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=run.get(
             "gradient_checkpointing", False))
     set_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN_MODULES, lora_dropout=0.0)
-    return get_peft_model(model, config)
+    return get_peft_model(model, lora_config(r=4))
 
 
 @contextmanager
