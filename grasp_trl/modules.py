@@ -14,6 +14,7 @@ Supported by name: Llama, Mistral, Qwen2/Qwen3 (incl. MoE experts), Gemma/Gemma2
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Literal, Mapping
 
@@ -138,6 +139,29 @@ def decoder_blocks(model):
         raise ValueError(f"Could not find the decoder blocks: expected an nn.ModuleList of length "
                          f"num_hidden_layers={num_layers} named '...layers' or '...h'; found {lists or 'none'}")
     return candidates[0][1]
+
+
+@contextmanager
+def block_output_hooks(model, edit):
+    """Forward hooks on every decoder block calling `edit(layer, h_l)` with the block's output residual.
+
+    A tensor returned replaces `h_l` (steering, ablation); None leaves the forward untouched (reading it).
+    The hooks are removed when the block exits.
+    """
+    handles = []
+    for layer, block in enumerate(decoder_blocks(model)):
+        def hook(module, args, output, layer=layer):
+            hidden = output[0] if isinstance(output, tuple) else output
+            new = edit(layer, hidden)
+            if new is None:
+                return None
+            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+        handles.append(block.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def text_config(model):

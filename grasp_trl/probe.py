@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .directions import DirectionSet
-from .modules import decoder_blocks
+from .modules import block_output_hooks
 
 DEFAULT_PROMPTS = Path(__file__).parent / "data" / "neutral_prompts.jsonl"
 
@@ -108,34 +108,27 @@ def read_projections(model, encoded: Sequence[Sequence[int]], directions: Direct
     Batches are right-padded and masked, so padding never changes a prompt's reading under a causal model.
     The model's train/eval mode is restored afterwards.
     """
-    blocks = decoder_blocks(model)
     device = next(model.parameters()).device
     layers = sorted(directions.bases)
     bases = {l: directions.bases[l].to(device, torch.float32) for l in layers}
     sums = {l: [] for l in layers}
     sq_norm = {l: 0.0 for l in layers}
     captured: dict[int, torch.Tensor] = {}
-
-    def hook(layer, module, args, output):
-        captured[layer] = output[0] if isinstance(output, tuple) else output
-
-    handles = [blocks[l].register_forward_hook(lambda m, a, o, l=l: hook(l, m, a, o)) for l in layers]
     was_training = model.training
     model.eval()
     tokens = 0
     try:
-        for ids, mask in batches(encoded, batch_size):
-            model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            weight = mask.to(device, torch.float32)[..., None]
-            count = weight.sum(1)
-            tokens += int(count.sum())
-            for layer in layers:
-                hidden = captured[layer].float()
-                sums[layer].append(((hidden @ bases[layer]) * weight).sum(1).div(count).cpu())
-                sq_norm[layer] += float((hidden.pow(2).sum(-1, keepdim=True) * weight).sum())
+        with block_output_hooks(model, lambda layer, hidden: captured.__setitem__(layer, hidden)):
+            for ids, mask in batches(encoded, batch_size):
+                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+                weight = mask.to(device, torch.float32)[..., None]
+                count = weight.sum(1)
+                tokens += int(count.sum())
+                for layer in layers:
+                    hidden = captured[layer].float()
+                    sums[layer].append(((hidden @ bases[layer]) * weight).sum(1).div(count).cpu())
+                    sq_norm[layer] += float((hidden.pow(2).sum(-1, keepdim=True) * weight).sum())
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
     return Readings({l: torch.cat(sums[l]).double() for l in layers},
                     {l: sq_norm[l] / max(tokens, 1) for l in layers})

@@ -1,7 +1,6 @@
 """Direction files: round trip, validation, clear errors, atomic writes."""
 
 import json
-import warnings
 
 import pytest
 import torch

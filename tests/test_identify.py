@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import SEVEN_MODULES, lora_model, randomise_lora_b
-from grasp_trl.identify import extract_directions, factors_from_peft_model, stacked_core, top_singular
+from grasp_trl.identify import extract_directions, factors_from_peft_model, top_singular
 from grasp_trl.modules import UnsupportedModulesError, classify_all
 
 WRITERS = ("o_proj", "down_proj")

@@ -1,7 +1,6 @@
 """`grasp sft` / `grasp dpo`: the recipes parse, and a YAML run (with flag overrides) trains with GRASP."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest

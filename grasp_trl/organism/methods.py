@@ -25,14 +25,14 @@ import copy
 import random
 import re
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from ..directions import DirectionSet
 from ..identify import extract_directions
-from ..modules import decoder_blocks
+from ..modules import block_output_hooks
 from ..projection import GradientProjector
 from .metrics import (block_outputs, build_prompt_sets, evaluate, identification, persona_shift,
                       supervised_directions)
@@ -48,25 +48,6 @@ KL_WEIGHT = 1.0
 
 def valid_method(name: str) -> bool:
     return name in FIXED_METHODS or bool(_GRASP.match(name))
-
-
-@contextmanager
-def block_hooks(model, edit):
-    """Forward hooks replacing each block output `h_l` by `edit(layer, h_l)` (None: leave the block alone)."""
-    handles = []
-    for layer, block in enumerate(decoder_blocks(model)):
-        def hook(module, args, output, layer=layer):
-            hidden = output[0] if isinstance(output, tuple) else output
-            new = edit(layer, hidden)
-            if new is None:
-                return None
-            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
-        handles.append(block.register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def ablate(directions: DirectionSet):
@@ -137,7 +118,7 @@ class Lab:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
         data_rng, kl_rng = random.Random(seed), random.Random(seed + 10_000)
-        hooks = block_hooks(model, train_edit) if train_edit else nullcontext()
+        hooks = block_output_hooks(model, train_edit) if train_edit else nullcontext()
         with hooks:
             for _ in range(spec.steps):
                 batch = self._task_batch(data_rng)
@@ -210,7 +191,7 @@ class Lab:
             model = copy.deepcopy(self.naive(seed))
             GradientProjector(model, self.identified(seed), "weights").attach().detach()
         elif method == "steer-inference":
-            with block_hooks(self.naive(seed), steer(self.persona, self.steer_layer, -1.0)):
+            with block_output_hooks(self.naive(seed), steer(self.persona, self.steer_layer, -1.0)):
                 metrics = self.measure(self.naive(seed))
             return Run(metrics, time.time() - started, extra)
         elif method == "undertrained-naive":

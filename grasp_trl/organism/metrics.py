@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..modules import decoder_blocks
+from ..modules import block_output_hooks
 from .world import BOS, SYS_EVIL, SYS_GOOD, World
 
 METRICS = ("task", "task_acc", "drift", "p_evil", "narrow", "conditional", "retention", "shift")
@@ -119,17 +119,9 @@ def evaluate(model, world: World, sets: dict[str, PromptSet], base_p_evil: float
 @torch.no_grad()
 def block_outputs(model, input_ids: torch.Tensor, position: int) -> dict[int, torch.Tensor]:
     """Each decoder block's output residual `h_l` at one position, (n, d) per layer."""
-    captured, handles = {}, []
-    for layer, block in enumerate(decoder_blocks(model)):
-        def hook(module, args, output, layer=layer):
-            hidden = output[0] if isinstance(output, tuple) else output
-            captured[layer] = hidden[:, position].float()
-        handles.append(block.register_forward_hook(hook))
-    try:
+    captured = {}
+    with block_output_hooks(model, lambda layer, hidden: captured.__setitem__(layer, hidden[:, position].float())):
         model(input_ids=input_ids)
-    finally:
-        for handle in handles:
-            handle.remove()
     return captured
 
 
