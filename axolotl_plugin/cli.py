@@ -35,7 +35,7 @@ def grasp_identify(config: Path, adapter_dir: Path | None) -> None:
         adapter_dir = adapter_dir or Path(raw["output_dir"])
         if not (adapter_dir / "adapter_config.json").is_file():
             raise ValueError(f"{adapter_dir}: no adapter_config.json: not a saved LoRA adapter directory")
-        directions = identify_from(str(adapter_dir), grasp_arguments(raw), adapter_dir)
+        directions = identify_from(adapter_dir, grasp_arguments(raw))
     except (ValueError, OSError) as exc:  # DirectionFileError is a ValueError
         raise click.ClickException(str(exc)) from exc
     click.echo(inspect_report(directions))

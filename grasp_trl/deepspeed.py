@@ -34,6 +34,17 @@ def _fp32_master(param: torch.nn.Parameter) -> torch.Tensor | None:
     return safe_get_full_fp32_param(param)
 
 
+def forget_fp32_masters(params: Iterable[torch.nn.Parameter]) -> None:
+    """Drop the links a destroyed DeepSpeed optimizer left on its parameters (identify-then-project destroys
+    stage 1's engine before stage 2 builds its own). ZeRO-1/2's `destroy()` sets `_hp_mapping` to None, which
+    `safe_get_full_fp32_param` would read as an all-zero master; ZeRO-3 keeps `_z3_optimizer`. Until the next
+    engine links its own, reads and writes then go to the parameters themselves."""
+    for param in params:
+        for attribute in ("_hp_mapping", "_z3_optimizer"):
+            if hasattr(param, attribute):
+                delattr(param, attribute)
+
+
 def is_zero3(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "ds_id")
 

@@ -26,9 +26,11 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from .callbacks import GraspCallback, reject_fsdp
 from .config import DIRECTIONS_FILENAME, STAGE1_DIRNAME, GraspArguments
+from .deepspeed import forget_fp32_masters, update_params
 from .directions import DirectionFileError, DirectionSet, atomic_write, sha256_of
 from .drift import GraspDriftCallback, drift_callback_from_args
 from .identify import extract_directions
+from .modules import num_hidden_layers
 from .projection import GradientProjector
 
 logger = logging.getLogger(__name__)
@@ -66,19 +68,19 @@ def build_projector(model, args: GraspArguments, directions: DirectionSet) -> Gr
                              target_modules=args.grasp_target_modules).attach()
 
 
-def identify_from(model, args: GraspArguments, stage1_dir: Path) -> DirectionSet:
-    """Extract the directions from a stage-1 model and save them (and the spectrum) in `stage1_dir`."""
-    directions = extract_directions(model, k=args.grasp_num_directions, scope=args.grasp_scope,
+def identify_from(adapter_dir: str | Path, args: GraspArguments, num_layers: int | None = None) -> DirectionSet:
+    """Extract the directions from a saved stage-1 adapter; write them and the spectrum beside it."""
+    adapter_dir = Path(adapter_dir)
+    directions = extract_directions(adapter_dir, k=args.grasp_num_directions, scope=args.grasp_scope,
                                     energy=args.grasp_energy, max_k=args.grasp_num_directions,
                                     include_readers=args.grasp_include_readers,
-                                    target_modules=args.grasp_target_modules)
-    directions.metadata["source_adapter"] = str(stage1_dir)
-    directions.save(stage1_dir / DIRECTIONS_FILENAME)
+                                    target_modules=args.grasp_target_modules, num_layers=num_layers)
+    directions.save(adapter_dir / DIRECTIONS_FILENAME)
     spectrum = {"singular_values": directions.metadata["singular_values"],
                 "energy_captured": directions.metadata["energy_captured"],
                 "k": {str(l): directions.k(l) for l in directions.bases}}
-    (stage1_dir / "spectrum.json").write_text(json.dumps(spectrum, indent=1))
-    return DirectionSet.load(stage1_dir / DIRECTIONS_FILENAME)
+    (adapter_dir / "spectrum.json").write_text(json.dumps(spectrum, indent=1))
+    return DirectionSet.load(adapter_dir / DIRECTIONS_FILENAME)
 
 
 class GraspTrainerMixin:
@@ -176,16 +178,22 @@ class GraspTrainerMixin:
             for key, value in overrides.items():
                 setattr(args, key, value)
             super().train()
-            self.model.save_pretrained(stage1_dir)
-            (stage1_dir / "log_history.json").write_text(json.dumps(self.state.log_history, indent=1))
-            directions = identify_from(self.model, grasp_args, stage1_dir)
+            self.save_model(str(stage1_dir))  # through the trainer: gathers ZeRO-3 shards
+            if args.should_save:
+                (stage1_dir / "log_history.json").write_text(json.dumps(self.state.log_history, indent=1))
+                identify_from(stage1_dir, grasp_args, num_hidden_layers(self.model))
+            self.accelerator.wait_for_everyone()
+            directions = DirectionSet.load(stage1_dir / DIRECTIONS_FILENAME)
         finally:
             for key, value in saved_values.items():
                 setattr(args, key, value)
-        with torch.no_grad():
-            for name, param in self.model.named_parameters():
-                if name in self._grasp_initial_adapter:
-                    param.copy_(self._grasp_initial_adapter[name])
+        initial = self._grasp_initial_adapter  # written into DeepSpeed's fp32 masters too, where they exist
+        update_params([(param, lambda _, value=initial[name]: value) for name, param in self.model.named_parameters()
+                       if name in initial])
+        if self.is_deepspeed_enabled:  # stage 2 builds its own engine: destroy stage 1's, and its links
+            self.accelerator.free_memory()
+            forget_fp32_masters(self.model.parameters())
+            self.model_wrapped = self.model
         self.optimizer, self.lr_scheduler = None, None
         _set_rng_state(rng)
         self._grasp_install(directions)

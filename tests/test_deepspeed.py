@@ -24,10 +24,12 @@ in `<venv>/torch_extensions` afterwards.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import random_directions
 from distributed.launch import (RECIPES, launch, relative_distance, saved_leakage, trained_tensors,
                                 zero_checkpoint_adapter)
+from grasp_trl.config import DIRECTIONS_FILENAME
 from grasp_trl.directions import DirectionSet
 from grasp_trl.projection import GradientProjector
 from grasp_trl.tiny import build_model, save_tiny_model
@@ -73,6 +75,11 @@ ZERO_RUNS = {
                                   per_device=4, zero_init=True), "ref_weights"),
     "z3_full_weights_zero_init": (dict(deepspeed=ZERO3, zero_overrides=PARTITION_ALL, projection="weights",
                                        per_device=4, full=True, lr=1e-3, zero_init=True), "ref_full_weights"),
+    # stage 1, identification, adapter reset and stage 2 inside one train() call (the ZeRO recipes do this)
+    "z2_identify_weights": (dict(deepspeed=ZERO2, projection="weights", per_device=4, identify_steps=4),
+                            "ref_identify_weights"),
+    "z3_identify_weights": (dict(deepspeed=ZERO3, zero_overrides=PARTITION_ALL, projection="weights",
+                                 per_device=4, identify_steps=4), "ref_identify_weights"),
 }
 BF16_RUN = "z2_weights_bf16"
 BYPASS_RUNS = {"z2_weights_bypass": "z2_weights_ga2", "z3_weights_bypass": "z3_weights_ga2"}
@@ -87,6 +94,7 @@ REFERENCES = {
     "ref_both": dict(projection="both"),
     "ref_dpo_both": dict(projection="both", trainer="dpo"),
     "ref_full_weights": dict(projection="weights", full=True, lr=1e-3),
+    "ref_identify_weights": dict(projection="weights", identify_steps=4),
 }
 WEIGHT_MODES = ("weights", "both")
 
@@ -144,8 +152,12 @@ def test_zero_run_equals_single_process_run(runs, name):
 @pytest.mark.parametrize("name", [n for n, (s, _) in ZERO_RUNS.items() if s["projection"] in WEIGHT_MODES
                                   and not s.get("full")])
 def test_weights_invariant_on_gathered_adapter(runs, name):
-    """The saved adapter (gathered by ZeRO-3's save) and DeepSpeed's fp32 master both satisfy the invariant."""
-    leakage = saved_leakage(runs["out"] / name, runs["directions"])
+    """The saved adapter (gathered by ZeRO-3's save) and DeepSpeed's fp32 master both satisfy the invariant,
+    against the direction file the run saved beside its adapter (identified in stage 1 for identify runs)."""
+    directions = DirectionSet.load(runs["out"] / name / DIRECTIONS_FILENAME)
+    if not run_settings(name).get("identify_steps"):  # the shared file, copied unchanged
+        assert all(torch.equal(directions.bases[l], basis) for l, basis in runs["directions"].bases.items())
+    leakage = saved_leakage(runs["out"] / name, directions)
     assert leakage <= INVARIANT_TOL, f"{name}: saved adapter leakage {leakage:.3g}"
     assert runs["results"][name]["master_leakage"] <= INVARIANT_TOL
 

@@ -13,7 +13,8 @@ master leakage DeepSpeed holds at the end, timing). Run keys:
     name, out_dir, steps, per_device, grad_accum, lr, projection, trainer ("sft"/"dpo"), full (bool: full
     fine-tuning), qlora (bool), gradient_checkpointing (non-reentrant), bf16;
     deepspeed (recipe path; required under torchrun), zero_overrides (merged into
-    zero_optimization), config_overrides (top-level keys; null deletes one), zero_init (load the model after a
+    zero_optimization), config_overrides (top-level keys; null deletes one), identify_steps (identify-then-
+    project in one train() call, global scope, instead of the shared direction file), zero_init (load the model after a
     ZeRO-3 config, i.e. partitioned while loading), checkpoint (save a checkpoint, DeepSpeed's included, after
     the last step), bypass_master (skip writing the fp32 master in the post-step projection, to show that it
     matters).
@@ -114,8 +115,10 @@ def train_one(spec: dict, run: dict) -> dict:
         save_strategy="steps" if run.get("checkpoint") else "no", save_steps=run["steps"], report_to=[], seed=0,
         data_seed=0, bf16=run.get("bf16", False), gradient_checkpointing=run.get("gradient_checkpointing", False),
         gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=0,
-        deepspeed=deepspeed_config(run), grasp_directions=spec["directions"],
-        grasp_projection=run["projection"], disable_tqdm=True)
+        deepspeed=deepspeed_config(run), grasp_projection=run["projection"], disable_tqdm=True,
+        # identify-then-project in the same train() call, or the shared direction file
+        **({"grasp_identify_steps": run["identify_steps"], "grasp_scope": "global"} if run.get("identify_steps")
+           else {"grasp_directions": spec["directions"]}))
     if DISTRIBUTED:
         common["accelerator_config"] = {"use_configured_state": True}
     if run.get("bf16") or not DISTRIBUTED:
@@ -130,7 +133,8 @@ def train_one(spec: dict, run: dict) -> dict:
     model = model if model is not None else build_model(spec["base_dir"], run)
     trainer = trainer_class(model=model, args=config, train_dataset=data, processing_class=spec["tokenizer"])
     quantized_before = quantized_state(trainer.model) if run.get("qlora") else None
-    residual = probe_residual_gradients(trainer) if trainer.grasp_projector.uses_activations else None
+    residual = (probe_residual_gradients(trainer) if trainer.grasp_projector is not None
+                and trainer.grasp_projector.uses_activations else None)
     start = time.perf_counter()
     with bypassed_master(run.get("bypass_master", False)):
         trainer.train()
