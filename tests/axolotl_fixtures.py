@@ -14,13 +14,13 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file
 
+from conftest import SEVEN_MODULES
 from grasp_trl.config import DIRECTIONS_FILENAME
 from grasp_trl.directions import DirectionSet
 from grasp_trl.modules import classify
 from grasp_trl.verify import saved_adapter_leakage
 
 AXOLOTL = str(Path(sys.executable).with_name("axolotl"))
-SEVEN_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def write_data(directory: Path, rows: int = 32, seed: int = 0) -> dict[str, Path]:

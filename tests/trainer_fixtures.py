@@ -7,9 +7,9 @@ import random
 from datasets import Dataset
 from peft import LoraConfig
 
+from conftest import SEVEN_MODULES
 from grasp_trl.tiny import save_tiny_model
 
-SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def words(rng, low, high, n):
@@ -39,7 +39,7 @@ def dpo_dataset(size=48, seed=0):
 
 
 def lora_config(r=4):
-    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=SEVEN)
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=SEVEN_MODULES)
 
 
 def make_base(directory, architecture="llama"):
