@@ -12,14 +12,24 @@ whole `train()` wall times, which includes it, is reported too (`train_ratio`). 
 once more in its own subprocess, and the increase of the process's peak RSS over its RSS just before `train()`
 is compared (`memory_ratio`). Random directions (k per layer) are used: the cost does not depend on their values.
 
+Within-run A/B (`toggled`). Separate runs differ by +-20% per step on a shared VM, ten times the effect being
+measured, so every mode also runs as ONE `GraspSFTTrainer` run whose projector is detached and re-attached at
+every other step (between steps, outside the timed window; detached, the trainer does exactly what the plain
+trainer does). Each GRASP step is divided by the mean of its two neighbouring plain steps, which removes the
+machine's drift: `toggled_ratio_median` (with p10/p90 and a bootstrap 95% interval of the median) is the
+precise end-to-end figure. In the same run GRASP's own code is timed (the residual-gradient hooks and their
+forward hooks, the weight-gradient projection, the post-step projection): `grasp_ms_per_step`, and
+`attributed_ratio` = 1 + that time / the plain step — the direct cost, free of the machine's noise.
+
 Projector alone. 7B-like LoRA shapes (28 layers x q/k/v/o/gate/up/down, r 32, d 3584, Qwen2-7B widths): the
-per-step work of `weights` mode — the gradient projection of every constrained LoRA factor (what the parameter
-hooks do) and the post-step projection (`project_parameters`' update) — for k = 1..8, against one matmul of the
-same size: `U^T X` with every residual-side factor stacked into one `d x sum(r)` matrix `X` (the projection
-itself is two such matmuls and a subtraction, so ~2-3x that time is the floor of a perfectly grouped version).
+per-step work of `weights` mode — the gradient projection one factor at a time (what the per-parameter hooks
+do under DeepSpeed), the same batched by shape (`project_gradients`, what the trainers do otherwise) and the
+post-step projection (`project_parameters`) — for k = 1..8, against one matmul of the same size: `U^T X` with
+every residual-side factor stacked into one `d x sum(r)` matrix `X` (the projection itself is two such matmuls
+and a subtraction, so ~2-3x that time is the floor).
 
 Training runs in fp32 (`bf16=False`): TRL's configs default to bf16 autocast, which CPUs without bf16 units
-emulate ~40x slower than fp32. Regenerate (2-CPU box; about 15 minutes):
+emulate ~40x slower than fp32. Regenerate (2-CPU box; about 10 minutes):
     .venv/bin/python benchmarks/overhead.py --json benchmarks/overhead.json --plot benchmarks/overhead.png
 """
 
@@ -191,6 +201,115 @@ def measure_trainers(size: ModelSize, steps: int, warmup: int, repeats: int, k: 
     return result
 
 
+class ProjectorToggle(TrainerCallback):
+    """Detaches the GRASP projector before even steps and re-attaches it before odd ones (ABAB in one run).
+
+    Must be registered before the `StepTimer`, so the re-attach (which projects the current weights) happens
+    before the timed window opens."""
+
+    def __init__(self):
+        self.projector = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step % 2:
+            self.projector.attach()
+        else:
+            self.projector.detach()
+
+
+class GraspTime:
+    """Wall time spent inside GRASP's own code (per step), by wrapping the projector's per-step entry points."""
+
+    ENTRY_POINTS = ("_on_block_output", "_project_residual_grad", "_project_param_grad", "project_gradients",
+                    "project_parameters")
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._originals = {}
+
+    def __enter__(self):
+        from grasp_trl.projection import GradientProjector
+
+        for name in self.ENTRY_POINTS:
+            original = self._originals[name] = getattr(GradientProjector, name)
+
+            def timed(*args, _original=original, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - start
+
+            setattr(GradientProjector, name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        from grasp_trl.projection import GradientProjector
+
+        for name, original in self._originals.items():
+            setattr(GradientProjector, name, original)
+
+
+class ToggledStepTimer(StepTimer):
+    """`StepTimer` that also records the GRASP time of every step."""
+
+    def __init__(self, grasp_time: GraspTime):
+        super().__init__()
+        self.grasp_time = grasp_time
+        self.grasp_seconds: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.grasp_time.seconds = 0.0
+        super().on_step_begin(args, state, control, **kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        self.grasp_seconds.append(self.grasp_time.seconds)
+
+
+def median_interval(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap 95% interval of the median."""
+    import random
+
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return percentile(medians, 0.025), percentile(medians, 0.975)
+
+
+def measure_toggled(size: ModelSize, pairs: int, warmup: int, k: int, workdir: Path, modes=VARIANTS[1:]) -> dict:
+    """Per mode, one run alternating plain and GRASP steps; each GRASP step against its two plain neighbours."""
+    base = base_model_for(size)
+    first = warmup + 1 if warmup % 2 == 0 else warmup + 2  # first GRASP (odd) step after a plain, warm step
+    steps = first + 2 * pairs  # ends on a plain step, so every GRASP step has two plain neighbours
+    data = dataset(size, rows=steps * size.batch_size)
+    directions = directions_file(workdir, size, k)
+    results = {}
+    for mode in modes:
+        toggle = ProjectorToggle()
+        with GraspTime() as grasp_time:
+            timer = ToggledStepTimer(grasp_time)
+            trainer = build_trainer(mode, base, size, data, directions, steps, workdir, [toggle, timer])
+            toggle.projector = trainer.grasp_projector
+            trainer.train()
+        times, grasp = timer.times, timer.grasp_seconds
+        ratios = [times[i] / ((times[i - 1] + times[i + 1]) / 2) for i in range(first, steps - 1, 2)]
+        plain = [times[i] for i in range(first - 1, steps, 2)]
+        grasp_on = [grasp[i] for i in range(first, steps - 1, 2)]
+        low, high = median_interval(ratios)
+        stats = spread(ratios)
+        results[mode] = {"toggled_ratio_median": stats["median"], "toggled_ratio_p10": stats["p10"],
+                         "toggled_ratio_p90": stats["p90"], "toggled_ratio_ci95": [low, high],
+                         "toggled_pairs": len(ratios), "toggled_plain_step_seconds_median": statistics.median(plain),
+                         "grasp_ms_per_step": statistics.median(grasp_on) * 1e3,
+                         "attributed_ratio": 1 + statistics.median(grasp_on) / statistics.median(plain),
+                         "toggled_step_seconds": times, "toggled_grasp_seconds": grasp}
+        print(f"  {size.name} {mode}: toggled ratio {stats['median']:.3f} [95% CI {low:.3f}, {high:.3f}], "
+              f"GRASP code {results[mode]['grasp_ms_per_step']:.1f} ms/step "
+              f"(attributed {results[mode]['attributed_ratio']:.4f})", flush=True)
+        del trainer
+    return results
+
+
 def measure_memory_child(size_name: str, variant: str, steps: int, k: int) -> dict:
     """In a fresh process: peak RSS increase over the RSS just before `train()` for one variant."""
     size = SIZES[size_name]
@@ -234,8 +353,7 @@ def measure_projector(ks: list[int], repeats: int, layers: int = 28, d: int = 35
     """`weights`-mode work per step on 7B-like LoRA factors vs one matmul pass of the same size."""
     import torch
 
-    from grasp_trl.deepspeed import update_params
-    from grasp_trl.projection import Constraint, project_out
+    from grasp_trl.projection import Constraint, group_constraints, project_out, project_stack_
 
     shapes = {"q_proj": (d, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, d), "gate_proj": (ffn, d),
               "up_proj": (ffn, d), "down_proj": (d, ffn)}
@@ -266,15 +384,23 @@ def measure_projector(ks: list[int], repeats: int, layers: int = 28, d: int = 35
         bases = [torch.linalg.qr(torch.randn(d, k, generator=generator))[0] for _ in range(layers)]
         constraints = [Constraint(f"p{i}", p, bases[i // len(shapes)], dim) for i, (p, dim) in
                        enumerate(zip(params, dims))]
-        grad_seconds = best_of(lambda: [project_out(g, c.basis, c.dim) for g, c in zip(grads, constraints)])
-        step_seconds = best_of(lambda: update_params([(c.param, c.projected) for c in constraints]))
+        groups = group_constraints(constraints)
+        hook_seconds = best_of(lambda: [project_out(g, c.basis, c.dim) for g, c in zip(grads, constraints)])
+        grad_by_param = dict(zip(map(id, params), grads))
+        grad_seconds = best_of(lambda: [project_stack_([grad_by_param[id(c.param)] for c in group.constraints],
+                                                       group.bases, group.dim) for group in groups])
+        step_seconds = best_of(lambda: [project_stack_([c.param.data for c in group.constraints], group.bases,
+                                                       group.dim) for group in groups])
         matmul_seconds = best_of(lambda: bases[0].T @ stacked)
-        rows.append({"k": k, "modules": len(params), "grad_projection_ms": grad_seconds * 1e3,
+        rows.append({"k": k, "modules": len(params), "groups": len(groups),
+                     "grad_projection_hooks_ms": hook_seconds * 1e3, "grad_projection_ms": grad_seconds * 1e3,
                      "post_step_projection_ms": step_seconds * 1e3, "one_matmul_ms": matmul_seconds * 1e3,
+                     "grad_hooks_ratio_vs_one_matmul": hook_seconds / matmul_seconds,
                      "grad_ratio_vs_one_matmul": grad_seconds / matmul_seconds,
                      "post_step_ratio_vs_one_matmul": step_seconds / matmul_seconds})
-        print(f"  projector k={k}: grad {grad_seconds * 1e3:.1f} ms, post-step {step_seconds * 1e3:.1f} ms, "
-              f"one matmul of the same size {matmul_seconds * 1e3:.1f} ms", flush=True)
+        print(f"  projector k={k}: grad per factor (hooks) {hook_seconds * 1e3:.1f} ms, grad batched "
+              f"{grad_seconds * 1e3:.1f} ms, post-step {step_seconds * 1e3:.1f} ms, one matmul of the same size "
+              f"{matmul_seconds * 1e3:.1f} ms", flush=True)
     return rows
 
 
@@ -285,50 +411,65 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     models = results["models"]
-    for offset, variant in zip((-0.03, 0.0, 0.03), VARIANTS[1:]):
-        xs, ys, lows, highs = [], [], [], []
+    for offset, variant, color in zip((-0.06, 0.0, 0.06), VARIANTS[1:], ("C0", "C1", "C2")):
+        xs, separate, within, lows, highs, attributed = [], [], [], [], [], []
         for entry in models:
             stats = entry["variants"].get(variant)
             if stats is None:
                 continue
             xs.append(entry["parameters"] * (1 + offset))
-            ys.append(stats["ratio_median"])
-            lows.append(stats["ratio_median"] - stats["ratio_p10"])
-            highs.append(stats["ratio_p90"] - stats["ratio_median"])
-        ax.errorbar(xs, ys, yerr=[lows, highs], marker="o", capsize=4, label=variant)
+            separate.append(stats["ratio_median"])
+            toggled = entry.get("toggled", {}).get(variant)
+            within.append(toggled["toggled_ratio_median"] if toggled else float("nan"))
+            lows.append(toggled["toggled_ratio_median"] - toggled["toggled_ratio_ci95"][0] if toggled else 0)
+            highs.append(toggled["toggled_ratio_ci95"][1] - toggled["toggled_ratio_median"] if toggled else 0)
+            attributed.append(toggled["attributed_ratio"] if toggled else float("nan"))
+        ax.errorbar(xs, within, yerr=[lows, highs], marker="o", capsize=4, color=color,
+                    label=f"{variant}: within-run A/B, median + 95% CI")
+        ax.plot(xs, attributed, marker="_", markersize=14, ls="none", color=color)
+        ax.plot(xs, separate, marker="o", mfc="none", ls="none", color=color, alpha=0.5)
+    ax.plot([], [], marker="_", markersize=14, ls="none", color="k", label="GRASP code alone (attributed)")
+    ax.plot([], [], marker="o", mfc="none", ls="none", color="k", alpha=0.5, label="separate runs, median")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.axhline(1.02, color="red", lw=0.8, ls="--", label="target 1.02")
     ax.set_xscale("log")
     ax.set_xlabel("model parameters (random-init Llama, LoRA r=8/16 on all 7 projections)")
     ax.set_ylabel("step time GRASP / plain SFTTrainer")
-    ax.set_title("GRASP training overhead (median, p10-p90 of paired steps)")
-    ax.legend()
+    ax.set_title("GRASP training overhead per optimizer step")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
 
 
 def markdown(results: dict) -> str:
-    lines = ["| model | params | mode | step ratio median [p10, p90] | train() ratio | memory ratio | plain step |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | params | mode | within-run A/B ratio median [95% CI] (pairs) | GRASP code per step "
+             "(attributed ratio) | separate runs: step ratio median [p10, p90] | train() ratio | memory ratio "
+             "| plain step |", "|---|---|---|---|---|---|---|---|---|"]
     for entry in results["models"]:
         plain = entry["variants"]["plain"]["step_seconds_median"]
         for variant, stats in entry["variants"].items():
             if variant == "plain":
                 continue
             memory = entry.get("memory", {}).get(variant, {}).get("memory_ratio")
-            lines.append(f"| {entry['model']['name']} | {entry['parameters'] / 1e6:.1f}M | {variant} | "
+            toggled = entry.get("toggled", {}).get(variant)
+            within = ("- | -" if toggled is None else
+                      f"{toggled['toggled_ratio_median']:.3f} [{toggled['toggled_ratio_ci95'][0]:.3f}, "
+                      f"{toggled['toggled_ratio_ci95'][1]:.3f}] ({toggled['toggled_pairs']}) | "
+                      f"{toggled['grasp_ms_per_step']:.1f} ms ({toggled['attributed_ratio']:.4f})")
+            lines.append(f"| {entry['model']['name']} | {entry['parameters'] / 1e6:.1f}M | {variant} | {within} | "
                          f"{stats['ratio_median']:.3f} [{stats['ratio_p10']:.3f}, {stats['ratio_p90']:.3f}] | "
                          f"{stats['train_ratio']:.3f} | {'-' if memory is None else f'{memory:.3f}'} | "
                          f"{plain * 1e3:.0f} ms |")
     if results.get("projector"):
-        lines += ["", "| k | grad projection | post-step projection | one matmul, same size | ratios |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "| k | grad, per factor (hooks) | grad, batched | post-step (batched) | one matmul, same size "
+                  "| ratios to one matmul |", "|---|---|---|---|---|---|"]
         for row in results["projector"]:
-            lines.append(f"| {row['k']} | {row['grad_projection_ms']:.1f} ms | {row['post_step_projection_ms']:.1f} ms"
-                         f" | {row['one_matmul_ms']:.1f} ms | {row['grad_ratio_vs_one_matmul']:.1f}x / "
+            lines.append(f"| {row['k']} | {row['grad_projection_hooks_ms']:.1f} ms | {row['grad_projection_ms']:.1f} ms"
+                         f" | {row['post_step_projection_ms']:.1f} ms | {row['one_matmul_ms']:.1f} ms | "
+                         f"{row['grad_hooks_ratio_vs_one_matmul']:.1f}x / {row['grad_ratio_vs_one_matmul']:.1f}x / "
                          f"{row['post_step_ratio_vs_one_matmul']:.1f}x |")
     return "\n".join(lines)
 
@@ -350,6 +491,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (warm-up included)")
     parser.add_argument("--warmup", type=int, default=1, help="steps discarded at the start of every run")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every variant")
+    parser.add_argument("--pairs", type=int, default=20, help="GRASP steps of the within-run A/B run of each mode "
+                        "(each between two plain steps); 0 skips it")
     parser.add_argument("--k", type=int, default=3, help="directions per layer")
     parser.add_argument("--memory-steps", type=int, default=2, help="steps of the per-variant memory runs; 0 skips")
     parser.add_argument("--projector-ks", default="1,2,4,8", help="k values for the projector-alone benchmark; "
@@ -379,6 +522,9 @@ def main(argv: list[str] | None = None) -> None:
         for name in sizes:
             print(f"{name}: interleaved trainer runs", flush=True)
             entry = measure_trainers(SIZES[name], args.steps, args.warmup, args.repeats, args.k, Path(tmp))
+            if args.pairs:
+                print(f"{name}: within-run A/B (projector toggled every step)", flush=True)
+                entry["toggled"] = measure_toggled(SIZES[name], args.pairs, args.warmup, args.k, Path(tmp))
             if args.memory_steps:
                 entry["memory"] = measure_memory(SIZES[name], args.memory_steps, args.k)
             results["models"].append(entry)

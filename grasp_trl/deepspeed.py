@@ -49,6 +49,12 @@ def is_zero3(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "ds_id")
 
 
+def managed_by_deepspeed(param: torch.nn.Parameter) -> bool:
+    """True when DeepSpeed partitions `param` (ZeRO-3) or keeps an fp32 master of it (ZeRO-1/2): writes must
+    then go through `update_params`."""
+    return is_zero3(param) or hasattr(param, "_hp_mapping")
+
+
 @torch.no_grad()
 def full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
     """The whole parameter in fp32: DeepSpeed's master copy when there is one, else the parameter itself."""

@@ -13,8 +13,11 @@ Two mechanisms (DESIGN §1):
 
 * `weights` — per-parameter *constraints* `U^T (W - W_anchor) = 0` (residual side on dim 0: writer LoRA B,
   full writer weights) or `(W - W_anchor) U = 0` (dim 1: reader LoRA A, full reader weights). The gradient is
-  projected in a per-parameter tensor hook (so clipping and Adam moments see the projected gradient, and
-  under DeepSpeed it runs before reduction), and after every optimizer step `project_parameters()` restores
+  projected before clipping and the optimizer see it (so Adam's moments stay honest): in a per-parameter
+  tensor hook (`grad_hooks=True`, the default; under DeepSpeed it runs before reduction), or, where `.grad`
+  holds the whole gradient after backward, by `project_gradients()` in one batched matmul per group of
+  same-shaped factors (the trainers' choice without DeepSpeed: 112 hooks of ~6 aten calls each cost 2% of a
+  50M model's CPU step, the batched form 0.3%). After every optimizer step `project_parameters()` restores
   the constraint exactly (Adam's per-coordinate scaling otherwise re-introduces a component along `U`).
   LoRA constraints have a zero anchor (the update `B A` itself must be orthogonal); full fine-tuning keeps the
   pretrained component `U^T W0` / `W0 U` captured at `attach()`.
@@ -42,32 +45,76 @@ SIDES = ("write", "read", "both")
 READER_LAYERS = ("own", "input")
 
 
+def remove_component(x: torch.Tensor, basis: torch.Tensor, dim: int, anchor: torch.Tensor | None = None, *,
+                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x - U (U^T x - C)` (`dim=0`) or `x - (x U - C) U^T` (`dim=1`), and the coefficients `U^T x` / `x U`.
+
+    fp32 `x` of shape `(rows, cols)` with `basis` `(d, k)`, or a stack `(n, rows, cols)` with one basis per
+    item `(n, d, k)`: same-shaped LoRA factors are projected in one batched matmul. `anchor` (`C`, shaped
+    like the coefficients) is the component to keep; None keeps none. One fused multiply-subtract writes the
+    result, into `out` when given (`out=x` works in place).
+    """
+    fused = torch.baddbmm if x.dim() == 3 else torch.addmm
+    if dim == 0:
+        coefficients = basis.mT @ x
+        excess = coefficients if anchor is None else coefficients - anchor
+        return fused(x, basis, excess, alpha=-1, out=out), coefficients
+    coefficients = x @ basis
+    excess = coefficients if anchor is None else coefficients - anchor
+    return fused(x, excess, basis.mT, alpha=-1, out=out), coefficients
+
+
+def _as_matrix(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """`x` in fp32 as a matrix whose rows (`dim=0`) or columns (`dim=-1`/`1`) live in the residual stream; a
+    view of `x` when it is contiguous fp32."""
+    x32 = x.float()
+    return x32.reshape(x32.shape[0], -1) if dim == 0 else x32.reshape(-1, x32.shape[-1])
+
+
+def _squared_norm(x: torch.Tensor) -> torch.Tensor:
+    values = x.reshape(-1)
+    return torch.dot(values, values)
+
+
 def project_out(x: torch.Tensor, basis: torch.Tensor, dim: int) -> torch.Tensor:
     """Remove from `x` its component along the orthonormal columns of `basis` on dimension `dim`, in fp32.
 
-    `dim=0`: `x - U (U^T x)`; `dim=-1`/`1`: `x - (x U) U^T`. Returns a tensor of `x`'s dtype.
+    `dim=0`: `x - U (U^T x)`; `dim=-1`/`1`: `x - (x U) U^T`. Returns a new tensor of `x`'s dtype.
     """
     return project_out_with_norms(x, basis, dim)[0]
 
 
 def project_out_with_norms(x: torch.Tensor, basis: torch.Tensor, dim: int
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`project_out(x, basis, dim)`, `||x||^2` and `||removed||^2`, in one fp32 pass and one allocation.
+    """`project_out(x, basis, dim)`, `||x||^2` and `||removed||^2` (what the gradient hooks run).
 
     The removed part is `U c` with `c = U^T x` (or `c U^T`), so its squared norm is `||c||^2` (orthonormal
-    `U`): no second full-size tensor is formed. `addmm` writes `x - ...` straight into the output.
+    `U`): no second full-size tensor is formed.
     """
-    x32 = x.float()
-    if dim == 0:
-        flat = x32.reshape(x32.shape[0], -1)
-        coefficients = basis.T @ flat
-        out = torch.addmm(flat, basis, coefficients, alpha=-1)
+    flat = _as_matrix(x, dim)
+    out, coefficients = remove_component(flat, basis, dim)
+    return out.reshape(x.shape).to(x.dtype), _squared_norm(flat), _squared_norm(coefficients)
+
+
+def project_stack_(tensors: list[torch.Tensor], basis: torch.Tensor, dim: int,
+                   anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`remove_component` applied in place to same-shaped `tensors`: one tensor with a `(d, k)` basis, or n
+    stacked into one batched matmul with an `(n, d, k)` basis. Returns `||x||^2` and `||removed||^2` over all.
+
+    A single contiguous fp32 tensor is projected where it lies (no copy); a stack costs one copy in and one
+    out, which pays when the tensors are small and per-call overhead dominates (see `group_constraints`).
+    """
+    if len(tensors) == 1:
+        matrix = _as_matrix(tensors[0], dim)
     else:
-        flat = x32.reshape(-1, x32.shape[-1])
-        coefficients = flat @ basis
-        out = torch.addmm(flat, coefficients, basis.T, alpha=-1)
-    return (out.reshape(x.shape).to(x.dtype), torch.linalg.vector_norm(flat).square(),
-            coefficients.square().sum())
+        matrix = torch.stack(tensors).float()
+    total = _squared_norm(matrix)
+    _, coefficients = remove_component(matrix, basis, dim, anchor, out=matrix)
+    if len(tensors) > 1:
+        torch._foreach_copy_(tensors, list(matrix.unbind(0)))
+    elif matrix.data_ptr() != tensors[0].data_ptr() or matrix.dtype != tensors[0].dtype:  # worked on a copy
+        tensors[0].copy_(matrix.reshape(tensors[0].shape))
+    return total, _squared_norm(coefficients)
 
 
 def relative_component(left: torch.Tensor, right: torch.Tensor, basis: torch.Tensor) -> float:
@@ -104,15 +151,45 @@ class Constraint:
 
     def projected(self, weight: torch.Tensor) -> torch.Tensor:
         """The closest weight satisfying the constraint: `W - U (U^T W - C)` or `W - (W U - D) U^T`."""
-        excess = self.component(weight)
-        if self.anchor is not None:
-            excess = excess - self.anchor
-        w32 = weight.float()
-        if self.dim == 0:
-            out = w32.reshape(w32.shape[0], -1) - self.basis @ excess
-        else:
-            out = w32 - excess @ self.basis.T
-        return out.reshape(weight.shape).to(weight.dtype)
+        return remove_component(_as_matrix(weight, self.dim), self.basis, self.dim, self.anchor)[0].reshape(
+            weight.shape).to(weight.dtype)
+
+
+@dataclass
+class ConstraintGroup:
+    """Constraints projected together: small unanchored parameters (LoRA factors) of one shape, dtype, device
+    and residual dimension, as one stack in one batched matmul; or a single constraint, in place (large LoRA
+    factors, and every anchored full fine-tuning weight, so no large weight is ever copied into a stack)."""
+
+    constraints: list[Constraint]
+    bases: torch.Tensor  # (n, d, k); (d, k) for a group of one
+
+    @property
+    def dim(self) -> int:
+        return self.constraints[0].dim
+
+    @property
+    def anchor(self) -> torch.Tensor | None:
+        return self.constraints[0].anchor if len(self.constraints) == 1 else None
+
+
+def group_constraints(constraints: list[Constraint], max_stack_numel: int | None = None) -> list[ConstraintGroup]:
+    """Batch the unanchored constraints by (shape, dtype, device, dim); anchored ones stay alone.
+
+    Only parameters of at most `max_stack_numel` elements are stacked; larger ones are projected one by one,
+    in place. Default: 2**16 on CPU, where one aten call costs about as much as copying 256 KB (measured on
+    2 vCPUs: stacking 80 LoRA factors of 16 x 512 is 5x faster than a loop, stacking 10 of 32 x 3584 slower),
+    and 2**24 on accelerators, where a kernel launch costs more than copying megabytes.
+    """
+    buckets: dict[object, list[Constraint]] = {}
+    for constraint in constraints:
+        param = constraint.param
+        limit = max_stack_numel if max_stack_numel is not None else 1 << (16 if param.device.type == "cpu" else 24)
+        stackable = constraint.anchor is None and param.numel() <= limit
+        key = (tuple(param.shape), param.dtype, param.device, constraint.dim) if stackable else id(constraint)
+        buckets.setdefault(key, []).append(constraint)
+    return [ConstraintGroup(members, members[0].basis if len(members) == 1 else
+                            torch.stack([c.basis for c in members])) for members in buckets.values()]
 
 
 class GradientProjector:
@@ -130,14 +207,21 @@ class GradientProjector:
         target_modules: extra module classification (leaf name or regex -> "write"/"read").
         adapter_name: PEFT adapter to constrain (default: the active one).
         track_stats: accumulate the share of gradient norm removed (for `grasp/grad_removed_fraction`).
+        grad_hooks: `weights` mode: project each constrained parameter's gradient in its own tensor hook, as
+            autograd produces it (True, default: right under every engine, including DeepSpeed ZeRO, which
+            consumes gradients during backward), or leave it to `project_gradients()`, which the caller runs
+            after backward and before clipping and which projects same-shaped factors as one stack (False:
+            ~5x cheaper for the 7 LoRA factors of every block; only where `.grad` holds the whole gradient
+            after backward — single process, DDP).
 
-    Usage: `attach()` after the model is wrapped by PEFT and before training; `project_parameters()` after
-    every optimizer step (no-op in `activations` mode); `detach()` to remove every hook.
+    Usage: `attach()` after the model is wrapped by PEFT and before training; with `grad_hooks=False`,
+    `project_gradients()` after every backward; `project_parameters()` after every optimizer step (both no-ops
+    in `activations` mode); `detach()` to remove every hook.
     """
 
     def __init__(self, model: nn.Module, directions: DirectionSet, projection: Projection = "activations",
                  sides: Sides = "both", *, reader_layer: ReaderLayer = "own", target_modules=None,
-                 adapter_name: str | None = None, track_stats: bool = True):
+                 adapter_name: str | None = None, track_stats: bool = True, grad_hooks: bool = True):
         if projection not in PROJECTIONS:
             raise ValueError(f"projection: expected one of {PROJECTIONS}, found {projection!r}")
         if sides not in SIDES:
@@ -153,12 +237,13 @@ class GradientProjector:
         self.target_modules = target_modules
         self.adapter_name = adapter_name
         self.track_stats = track_stats
+        self.grad_hooks = grad_hooks
         self.constraints: list[Constraint] = []  # enforced (weights mode)
+        self.groups: list[ConstraintGroup] = []  # the constraints, batched by shape
         self.monitored: list[Constraint] = []  # reported by leakage() (every mode)
         self._handles: list = []
         self._basis_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self._removed_sq = None
-        self._total_sq = None
+        self._norms: list[tuple[torch.Tensor, torch.Tensor]] = []  # (||g||^2, ||removed||^2) per hook call
         self.attached = False
 
     @property
@@ -184,7 +269,8 @@ class GradientProjector:
                     functools.partial(self._on_block_output, layer)))
         if self.uses_weights:
             self.constraints = self._build_constraints()
-            for constraint in self.constraints:
+            self.groups = group_constraints(self.constraints)
+            for constraint in self.constraints if self.grad_hooks else ():
                 constraint.hook = constraint.param.register_hook(functools.partial(self._project_param_grad,
                                                                                    constraint))
             self.project_parameters()
@@ -205,7 +291,7 @@ class GradientProjector:
                 constraint.hook.remove()
                 constraint.hook = None
         self._handles.clear()
-        self.constraints, self.monitored = [], []
+        self.constraints, self.monitored, self.groups = [], [], []
         self.attached = False
 
     def __enter__(self):
@@ -232,19 +318,25 @@ class GradientProjector:
         return projected
 
     def _record(self, total: torch.Tensor, removed: torch.Tensor) -> None:
+        """Keep the squared norms for `pop_grad_removed_fraction`; summed there, not here (no op per hook)."""
         if not self.track_stats:
             return
-        with torch.no_grad():
-            self._total_sq = total if self._total_sq is None else self._total_sq + total.to(self._total_sq.device)
-            self._removed_sq = removed if self._removed_sq is None else self._removed_sq + removed.to(
-                self._removed_sq.device)
+        self._norms.append((total, removed))
+        if len(self._norms) >= 4096:  # bounded memory when nobody pops (the projector used without a trainer)
+            self._norms = [self._summed_norms()]
+
+    def _summed_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        totals, removed = zip(*self._norms)
+        device = totals[0].device
+        return (torch.stack([t.to(device) for t in totals]).sum(),
+                torch.stack([r.to(device) for r in removed]).sum())
 
     def pop_grad_removed_fraction(self) -> float | None:
         """Share of gradient norm (sqrt of squared-norm ratio) removed since the last call; None if no data."""
-        if self._total_sq is None:
+        if not self._norms:
             return None
-        total, removed = float(self._total_sq), float(self._removed_sq)
-        self._total_sq = self._removed_sq = None
+        total, removed = (float(value) for value in self._summed_norms())
+        self._norms = []
         return (removed / total) ** 0.5 if total > 0 else 0.0
 
     # -------------------------------------------------------------------------------------- weights mode
@@ -341,21 +433,44 @@ class GradientProjector:
     def _project_param_grad(self, constraint: Constraint, grad: torch.Tensor) -> torch.Tensor:
         basis = constraint.basis if constraint.basis.device == grad.device else constraint.basis.to(grad.device)
         projected, total, removed = project_out_with_norms(grad, basis, dim=constraint.dim)
-        if not self.uses_activations:
-            self._record(total, removed)
+        self._record_weight_grads(total, removed)
         return projected
+
+    @torch.no_grad()
+    def project_gradients(self) -> None:
+        """Project the accumulated `.grad` of every constrained parameter, stack by stack (with `grad_hooks=False`;
+        call after backward, before clipping and the optimizer step). No-op otherwise."""
+        if self.grad_hooks:
+            return
+        for group in self.groups:
+            grads = [c.param.grad for c in group.constraints]
+            if all(g is not None for g in grads):
+                self._record_weight_grads(*project_stack_(grads, group.bases, group.dim))
+                continue
+            for constraint, grad in zip(group.constraints, grads):  # some factor got no gradient this step
+                if grad is not None:
+                    self._record_weight_grads(*project_stack_([grad], constraint.basis, constraint.dim))
+
+    def _record_weight_grads(self, total: torch.Tensor, removed: torch.Tensor) -> None:
+        if not self.uses_activations:  # in `both` mode the residual hooks report the removed share
+            self._record(total, removed)
 
     @torch.no_grad()
     def project_parameters(self) -> None:
         """Restore every weight constraint exactly (call after each optimizer step). No-op in activations mode.
 
-        Under DeepSpeed the fp32 master copy and the working copy are both updated (see `deepspeed.py`).
+        Under DeepSpeed the fp32 master copy and the working copy are both updated, one parameter at a time
+        (see `deepspeed.py`); otherwise the parameters are projected in place, stack by stack.
         """
         if not self.constraints:
             return
-        from .deepspeed import update_params
+        from .deepspeed import managed_by_deepspeed, update_params
 
-        update_params([(c.param, c.projected) for c in self.constraints])
+        if any(managed_by_deepspeed(c.param) for c in self.constraints):
+            update_params([(c.param, c.projected) for c in self.constraints])
+            return
+        for group in self.groups:
+            project_stack_([c.param.data for c in group.constraints], group.bases, group.dim, group.anchor)
 
     # ---------------------------------------------------------------------------------------- diagnostics
     @torch.no_grad()

@@ -59,13 +59,17 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def build_projector(model, args: GraspArguments, directions: DirectionSet) -> GradientProjector:
-    """The projector the `grasp_*` keys describe, attached to `model` (used by the trainers and Axolotl)."""
+def build_projector(model, args: GraspArguments, directions: DirectionSet, *, grad_hooks: bool = True
+                    ) -> GradientProjector:
+    """The projector the `grasp_*` keys describe, attached to `model` (used by the trainers and Axolotl).
+
+    `grad_hooks=False` (the trainers without DeepSpeed) leaves the weight gradients to
+    `project_gradients()`, which `GraspTrainerMixin.training_step` calls after backward."""
     if args.grasp_layers is not None:
         directions = directions.restricted_to(args.grasp_layers)
     return GradientProjector(model, directions, args.grasp_projection, args.grasp_sides,
-                             reader_layer=args.grasp_reader_layer,
-                             target_modules=args.grasp_target_modules).attach()
+                             reader_layer=args.grasp_reader_layer, target_modules=args.grasp_target_modules,
+                             grad_hooks=grad_hooks).attach()
 
 
 def identify_from(adapter_dir: str | Path, args: GraspArguments, num_layers: int | None = None) -> DirectionSet:
@@ -123,7 +127,9 @@ class GraspTrainerMixin:
         if self.grasp_projector is not None:
             self.grasp_projector.detach()
         self.grasp_directions = directions
-        self.grasp_projector = build_projector(self.model, self.grasp_args, directions)
+        # DeepSpeed consumes gradients inside backward: only per-parameter hooks see them there
+        self.grasp_projector = build_projector(self.model, self.grasp_args, directions,
+                                               grad_hooks=self.is_deepspeed_enabled)
         self.grasp_callback.projector = self.grasp_projector
         if self.grasp_drift is not None and self.grasp_drift.directions is None:
             self.grasp_drift.directions = directions
@@ -137,6 +143,14 @@ class GraspTrainerMixin:
         super().log(logs, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------- training
+    def training_step(self, *args, **kwargs):
+        """The parent's forward/backward; then, at a gradient-accumulation boundary (before clipping and the
+        optimizer step), the batched projection of the weight gradients."""
+        loss = super().training_step(*args, **kwargs)
+        if self.grasp_projector is not None and self.accelerator.sync_gradients:
+            self.grasp_projector.project_gradients()
+        return loss
+
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         checkpoint = self._grasp_resolve_checkpoint(resume_from_checkpoint)
         saved = Path(checkpoint) / DIRECTIONS_FILENAME if checkpoint else None

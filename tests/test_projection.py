@@ -145,6 +145,7 @@ def train(model, projector, steps, batch, lr=1e-2, post_step=True):
         ids = torch.randint(4, 100, batch["input_ids"].shape, generator=generator)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        projector.project_gradients()  # no-op unless the projector was built with grad_hooks=False
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
@@ -152,12 +153,13 @@ def train(model, projector, steps, batch, lr=1e-2, post_step=True):
             projector.project_parameters()
 
 
-@pytest.mark.parametrize("reader_layer", ["own", "input"])
-def test_weight_projection_keeps_lora_update_orthogonal(reader_layer, tiny_batch):
+@pytest.mark.parametrize("reader_layer,grad_hooks", [("own", True), ("input", True), ("own", False)])
+def test_weight_projection_keeps_lora_update_orthogonal(reader_layer, grad_hooks, tiny_batch):
     model = lora_model(r=4, num_layers=3, target_modules=SEVEN_MODULES)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     directions = random_directions(32, 3, k=2, seed=3)
-    projector = GradientProjector(model, directions, "weights", sides="both", reader_layer=reader_layer).attach()
+    projector = GradientProjector(model, directions, "weights", sides="both", reader_layer=reader_layer,
+                                  grad_hooks=grad_hooks).attach()
     assert len(projector.constraints) == (21 if reader_layer == "own" else 21 - 5)
     train(model, projector, 50, tiny_batch)
     if reader_layer == "own":
@@ -177,11 +179,12 @@ def test_gradient_projection_alone_leaks_under_adam(tiny_batch):
     assert relative_leakage(model, directions) > 1e-3
 
 
-def test_full_finetuning_keeps_pretrained_component(tiny_batch):
+@pytest.mark.parametrize("grad_hooks", [True, False])
+def test_full_finetuning_keeps_pretrained_component(grad_hooks, tiny_batch):
     model = build_model("llama", vocab_size=100, hidden_size=32, num_layers=3, seed=0)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     directions = random_directions(32, 3, k=2, seed=4)
-    projector = GradientProjector(model, directions, "weights", sides="both").attach()
+    projector = GradientProjector(model, directions, "weights", sides="both", grad_hooks=grad_hooks).attach()
     train(model, projector, 30, tiny_batch, lr=3e-3)
     checked = 0
     for name, param in model.named_parameters():
@@ -207,6 +210,51 @@ def test_full_finetuning_keeps_pretrained_component(tiny_batch):
         assert torch.allclose(after, before, atol=1e-6), name
     assert checked == 3 * 7 + 2
     assert projector.leakage() <= 1e-6
+
+
+def random_grads(model, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(p.shape, generator=generator) for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("max_stack_numel", [None, 0, 1 << 30])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_projection_equals_per_parameter_projection(kind, max_stack_numel, dtype):
+    """`project_gradients` (stacks of same-shaped factors, or single tensors in place) gives the per-parameter
+    hooks' gradients, and the grouped `project_parameters` gives `Constraint.projected`, on random tensors."""
+    from grasp_trl.projection import group_constraints
+
+    model = make_model(kind).to(dtype)
+    directions = random_directions(32, 3, k=2, seed=5)
+    hooked = GradientProjector(model, directions, "weights", grad_hooks=True).attach()
+    expected = {}
+    for seed, (name, param) in enumerate(model.named_parameters()):
+        if param.requires_grad:  # the hooks run when a gradient flows into the parameter
+            grad = random_grads(model, seed)[name].to(dtype)
+            expected[name] = torch.autograd.grad((param * grad).sum(), param)[0]
+    hooked.detach()
+    batched = GradientProjector(model, directions, "weights", grad_hooks=False).attach()
+    batched.groups = group_constraints(batched.constraints, max_stack_numel)
+    assert any(len(g.constraints) > 1 for g in batched.groups) == (kind == "lora" and max_stack_numel != 0)
+    for seed, (name, param) in enumerate(model.named_parameters()):
+        if param.requires_grad:
+            param.grad = random_grads(model, seed)[name].to(dtype)
+    batched.project_gradients()
+    tol = TOL if dtype == torch.float32 else 1e-2
+    constrained = {c.param for c in batched.constraints}
+    for name, param in model.named_parameters():
+        if param in constrained:
+            error = (param.grad.float() - expected[name].float()).norm() / expected[name].float().norm()
+            assert error <= tol, (name, float(error))
+    for param in constrained:  # move every constrained weight off its constraint, then restore
+        param.data.add_(torch.randn_like(param, dtype=torch.float32).to(dtype), alpha=0.1)
+    wanted = {c.name: c.projected(c.param.data).float() for c in batched.constraints}
+    batched.project_parameters()
+    for constraint in batched.constraints:
+        error = (constraint.param.float() - wanted[constraint.name]).norm() / wanted[constraint.name].norm()
+        assert error <= tol, (constraint.name, float(error))
+    assert batched.leakage() <= (TOL if dtype == torch.float32 else 2e-3)  # bf16: rounding of the stored weight
 
 
 def test_dora_is_rejected_in_weights_mode():

@@ -123,6 +123,30 @@ def test_each_mode_keeps_its_invariant_and_learns(kind, projection, checkpointin
         assert 0 < logged[-1]["grasp/grad_removed_fraction"] < 1
 
 
+def adam_first_moment_leakage(trainer):
+    """Largest relative component of AdamW's first moment along the directions, over the LoRA factors the
+    projector constrains (weights mode) or monitors (activations mode)."""
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    worst = 0.0
+    for constraint in trainer.grasp_projector.monitored:
+        moment = optimizer.state[constraint.param]["exp_avg"]
+        worst = max(worst, float(constraint.component(moment).norm() / moment.norm()))
+    return worst
+
+
+def test_optimizer_sees_projected_gradients_with_accumulation_and_clipping(base, directions_file, tmp_path):
+    """Weights mode projects the accumulated gradient before clipping and AdamW (`project_gradients` after the
+    last micro-batch): the first moment has no component along U. In activations mode the LoRA factors'
+    gradients are not projected, so the same measure is large: the check can fail."""
+    settings = dict(steps=6, grasp_directions=str(directions_file), gradient_accumulation_steps=2,
+                    per_device_train_batch_size=2, max_grad_norm=0.05)
+    weights = run("sft", base, tmp_path / "weights", grasp_projection="weights", **settings)
+    assert not weights.grasp_projector.grad_hooks and len(weights.grasp_projector.constraints) == 14
+    assert adam_first_moment_leakage(weights) <= TOL
+    activations = run("sft", base, tmp_path / "activations", grasp_projection="activations", **settings)
+    assert adam_first_moment_leakage(activations) > 1e-2
+
+
 def test_identify_then_project_equals_stage2_from_saved_file(base, tmp_path):
     one_call = run("sft", base, tmp_path / "one", grasp_identify_steps=6, grasp_num_directions=2,
                    grasp_projection="both")
