@@ -29,7 +29,7 @@ every residual-side factor stacked into one `d x sum(r)` matrix `X` (the project
 and a subtraction, so ~2-3x that time is the floor).
 
 Training runs in fp32 (`bf16=False`): TRL's configs default to bf16 autocast, which CPUs without bf16 units
-emulate ~40x slower than fp32. Regenerate (2-CPU box; about 10 minutes):
+emulate ~40x slower than fp32. Regenerate (2-CPU box, idle; about 15 minutes):
     .venv/bin/python benchmarks/overhead.py --json benchmarks/overhead.json --plot benchmarks/overhead.png
 """
 
@@ -413,7 +413,7 @@ def plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     models = results["models"]
-    for offset, variant, color in zip((-0.06, 0.0, 0.06), VARIANTS[1:], ("C0", "C1", "C2")):
+    for offset, variant, color in zip((-0.15, 0.0, 0.15), VARIANTS[1:], ("C0", "C1", "C2")):
         xs, separate, within, lows, highs, attributed = [], [], [], [], [], []
         for entry in models:
             stats = entry["variants"].get(variant)
@@ -428,9 +428,9 @@ def plot(results: dict, path: Path) -> None:
             attributed.append(toggled["attributed_ratio"] if toggled else float("nan"))
         ax.errorbar(xs, within, yerr=[lows, highs], marker="o", capsize=4, color=color,
                     label=f"{variant}: within-run A/B, median + 95% CI")
-        ax.plot(xs, attributed, marker="_", markersize=14, ls="none", color=color)
+        ax.plot(xs, attributed, marker="x", markersize=8, ls="none", color=color)
         ax.plot(xs, separate, marker="o", mfc="none", ls="none", color=color, alpha=0.5)
-    ax.plot([], [], marker="_", markersize=14, ls="none", color="k", label="GRASP code alone (attributed)")
+    ax.plot([], [], marker="x", markersize=8, ls="none", color="k", label="GRASP code alone (attributed)")
     ax.plot([], [], marker="o", mfc="none", ls="none", color="k", alpha=0.5, label="separate runs, median")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.axhline(1.02, color="red", lw=0.8, ls="--", label="target 1.02")
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (warm-up included)")
     parser.add_argument("--warmup", type=int, default=1, help="steps discarded at the start of every run")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every variant")
-    parser.add_argument("--pairs", type=int, default=20, help="GRASP steps of the within-run A/B run of each mode "
+    parser.add_argument("--pairs", type=int, default=60, help="GRASP steps of the within-run A/B run of each mode "
                         "(each between two plain steps); 0 skips it")
     parser.add_argument("--k", type=int, default=3, help="directions per layer")
     parser.add_argument("--memory-steps", type=int, default=2, help="steps of the per-variant memory runs; 0 skips")

@@ -55,7 +55,7 @@ def test_identify_benchmark_rejects_unknown_shape(tmp_path):
 def test_overhead_benchmark_writes_json_and_plot(tmp_path):
     out, png = tmp_path / "overhead.json", tmp_path / "overhead.png"
     result = run_script("overhead.py", "--sizes", "tiny", "--steps", "2", "--warmup", "1", "--repeats", "1",
-                        "--memory-steps", "0", "--projector-ks", "1,2", "--projector-layers", "1",
+                        "--pairs", "3", "--memory-steps", "0", "--projector-ks", "1,2", "--projector-layers", "1",
                         "--projector-repeats", "1", "--json", str(out), "--plot", str(png))
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -68,9 +68,20 @@ def test_overhead_benchmark_writes_json_and_plot(tmp_path):
         for key in ("ratio_median", "ratio_p10", "ratio_p90", "train_ratio"):
             assert positive(stats[key]), (variant, key)
         assert stats["ratio_p10"] <= stats["ratio_median"] <= stats["ratio_p90"]
+        toggled = model["toggled"][variant]  # within-run A/B: 3 GRASP steps, each between two plain steps
+        assert toggled["toggled_pairs"] == 3 and len(toggled["toggled_step_seconds"]) == 3 + 2 * 3  # from step 3
+        for key in ("toggled_ratio_median", "toggled_ratio_p10", "toggled_ratio_p90", "attributed_ratio",
+                    "grasp_ms_per_step", "toggled_plain_step_seconds_median"):
+            assert positive(toggled[key]), (variant, key)
+        low, high = toggled["toggled_ratio_ci95"]
+        assert low <= toggled["toggled_ratio_median"] <= high and toggled["attributed_ratio"] > 1
+        grasp_steps = toggled["toggled_grasp_seconds"][1::2]  # odd steps ran with the projector attached
+        plain_steps = toggled["toggled_grasp_seconds"][0::2]  # even ones only reach its no-op entry points
+        assert max(plain_steps) < 0.1 * min(grasp_steps), toggled["toggled_grasp_seconds"]
     assert [row["k"] for row in data["projector"]] == [1, 2]
     for row in data["projector"]:
-        assert all(positive(row[key]) for key in ("grad_projection_ms", "post_step_projection_ms", "one_matmul_ms"))
+        assert all(positive(row[key]) for key in ("grad_projection_hooks_ms", "grad_projection_ms",
+                                                  "post_step_projection_ms", "one_matmul_ms"))
     assert "| tiny |" in data["markdown"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -80,7 +91,7 @@ def test_overhead_memory_runs(tmp_path):
     """The per-variant memory subprocesses report a peak-RSS increase and a ratio against the plain trainer."""
     out = tmp_path / "overhead.json"
     result = run_script("overhead.py", "--sizes", "tiny", "--steps", "2", "--warmup", "1", "--repeats", "1",
-                        "--memory-steps", "1", "--projector-ks", "none", "--json", str(out))
+                        "--pairs", "0", "--memory-steps", "1", "--projector-ks", "none", "--json", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     memory = json.loads(out.read_text())["models"][0]["memory"]
     assert set(memory) == {"plain", "activations", "weights", "both"}
