@@ -16,8 +16,8 @@ Two mechanisms (DESIGN §1):
   projected before clipping and the optimizer see it (so Adam's moments stay honest): in a per-parameter
   tensor hook (`grad_hooks=True`, the default; under DeepSpeed it runs before reduction), or, where `.grad`
   holds the whole gradient after backward, by `project_gradients()` in one batched matmul per group of
-  same-shaped factors (the trainers' choice without DeepSpeed: 112 hooks of ~6 aten calls each cost 2% of a
-  50M model's CPU step, the batched form 0.3%). After every optimizer step `project_parameters()` restores
+  same-shaped factors (the trainers' choice without DeepSpeed: on a 50M model's 1.6 s CPU step, 112 hooks
+  took ~23 ms, the batched form ~4 ms). After every optimizer step `project_parameters()` restores
   the constraint exactly (Adam's per-coordinate scaling otherwise re-introduces a component along `U`).
   LoRA constraints have a zero anchor (the update `B A` itself must be orthogonal); full fine-tuning keeps the
   pretrained component `U^T W0` / `W0 U` captured at `attach()`.

@@ -6,6 +6,7 @@ end to end, that their figures are finite and positive, and that bad options are
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +78,7 @@ def test_overhead_benchmark_writes_json_and_plot(tmp_path):
         assert low <= toggled["toggled_ratio_median"] <= high and toggled["attributed_ratio"] > 1
         grasp_steps = toggled["toggled_grasp_seconds"][1::2]  # odd steps ran with the projector attached
         plain_steps = toggled["toggled_grasp_seconds"][0::2]  # even ones only reach its no-op entry points
-        assert max(plain_steps) < 0.1 * min(grasp_steps), toggled["toggled_grasp_seconds"]
+        assert statistics.median(plain_steps) < 0.2 * statistics.median(grasp_steps), toggled["toggled_grasp_seconds"]
     assert [row["k"] for row in data["projector"]] == [1, 2]
     for row in data["projector"]:
         assert all(positive(row[key]) for key in ("grad_projection_hooks_ms", "grad_projection_ms",
