@@ -227,19 +227,19 @@ def test_batched_projection_equals_per_parameter_projection(kind, max_stack_nume
 
     model = make_model(kind).to(dtype)
     directions = random_directions(32, 3, k=2, seed=5)
+    grads = random_grads(model, seed=6)
     hooked = GradientProjector(model, directions, "weights", grad_hooks=True).attach()
     expected = {}
-    for seed, (name, param) in enumerate(model.named_parameters()):
+    for name, param in model.named_parameters():
         if param.requires_grad:  # the hooks run when a gradient flows into the parameter
-            grad = random_grads(model, seed)[name].to(dtype)
-            expected[name] = torch.autograd.grad((param * grad).sum(), param)[0]
+            expected[name] = torch.autograd.grad((param * grads[name].to(dtype)).sum(), param)[0]
     hooked.detach()
     batched = GradientProjector(model, directions, "weights", grad_hooks=False).attach()
     batched.groups = group_constraints(batched.constraints, max_stack_numel)
     assert any(len(g.constraints) > 1 for g in batched.groups) == (kind == "lora" and max_stack_numel != 0)
-    for seed, (name, param) in enumerate(model.named_parameters()):
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            param.grad = random_grads(model, seed)[name].to(dtype)
+            param.grad = grads[name].to(dtype)
     batched.project_gradients()
     tol = TOL if dtype == torch.float32 else 1e-2
     constrained = {c.param for c in batched.constraints}

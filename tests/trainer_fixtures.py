@@ -16,25 +16,29 @@ def words(rng, low, high, n):
     return " ".join(f"w{rng.randrange(low, high):03d}" for _ in range(n))
 
 
+def mapped_pair(rng, n):
+    """A prompt of n random words and its answer under a fixed word-by-word mapping (learnable, so the loss
+    falls)."""
+    ids = [rng.randrange(40) for _ in range(n)]
+    return " ".join(f"w{i:03d}" for i in ids), " " + " ".join(f"w{40 + (3 * i) % 40:03d}" for i in ids)
+
+
 def sft_dataset(size=64, seed=0):
-    """Prompt -> a fixed word-by-word mapping (learnable, so the loss falls)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(size):
-        ids = [rng.randrange(40) for _ in range(4)]
-        rows.append({"prompt": " ".join(f"w{i:03d}" for i in ids),
-                     "completion": " " + " ".join(f"w{40 + (3 * i) % 40:03d}" for i in ids)})
+        prompt, answer = mapped_pair(rng, 4)
+        rows.append({"prompt": prompt, "completion": answer})
     return Dataset.from_list(rows)
 
 
 def dpo_dataset(size=48, seed=0):
+    """The mapped answer is chosen, random words from outside the mapping's range are rejected."""
     rng = random.Random(seed)
     rows = []
     for _ in range(size):
-        ids = [rng.randrange(40) for _ in range(3)]
-        rows.append({"prompt": " ".join(f"w{i:03d}" for i in ids),
-                     "chosen": " " + " ".join(f"w{40 + (3 * i) % 40:03d}" for i in ids),
-                     "rejected": " " + words(rng, 80, 96, 3)})
+        prompt, answer = mapped_pair(rng, 3)
+        rows.append({"prompt": prompt, "chosen": answer, "rejected": " " + words(rng, 80, 96, 3)})
     return Dataset.from_list(rows)
 
 
