@@ -104,14 +104,9 @@ def dataset(size: ModelSize, rows: int, seed: int = 0):
 
 def directions_file(directory: Path, size: ModelSize, k: int) -> Path:
     """Random orthonormal bases (`hidden x k`) for every layer, saved as a direction file."""
-    import torch
-
     from grasp_trl.directions import DirectionSet
 
-    generator = torch.Generator().manual_seed(0)
-    bases = {l: torch.linalg.qr(torch.randn(size.hidden_size, k, generator=generator, dtype=torch.float64))[0]
-             .float() for l in range(size.num_layers)}
-    return DirectionSet(bases, size.num_layers, {"hidden_size": size.hidden_size}).save(
+    return DirectionSet.random(size.hidden_size, size.num_layers, k).save(
         directory / f"directions_{size.name}_k{k}.safetensors")
 
 

@@ -14,7 +14,9 @@ import os
 
 from transformers import TrainerCallback
 
+from .identify import factors_from_peft_model
 from .projection import GradientProjector
+from .stopping import GapRule, snapshot
 
 
 def reject_fsdp(args) -> None:
@@ -60,3 +62,24 @@ class GraspCallback(TrainerCallback):
             logs.update(extra)
             if state.log_history and state.log_history[-1] is not logs:
                 state.log_history[-1].update(extra)
+
+
+class GapStoppingCallback(TrainerCallback):
+    """Stage 1 with `grasp_identify_steps: auto`: every `rule.every` optimizer steps, snapshot the model's LoRA
+    update and stop training when the `GapRule` fires (every rank computes the same snapshot, so all stop at
+    the same step)."""
+
+    def __init__(self, model, rule: GapRule, target_modules=None):
+        self.model, self.rule, self.target_modules = model, rule, target_modules
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.rule.every == 0:
+            factors = factors_from_peft_model(self.model, target_modules=self.target_modules)
+            if self.rule.update(snapshot(factors, state.global_step, "stage 1's LoRA adapter")):
+                control.should_training_stop = True
+
+    def report(self, final_step: int) -> dict:
+        """What stopped stage 1 and the spectrum trace (saved in `grasp_stage1/spectrum.json`)."""
+        reason = self.rule.stop_reason or f"step {final_step}: reached the stage-1 budget before the rule fired"
+        return {"rule": {"name": "gap", "every": self.rule.every, "drop": self.rule.drop, "min_cos": self.rule.min_cos},
+                "stopped_at": final_step, "reason": reason, "trace": self.rule.trace()}

@@ -22,9 +22,19 @@ def _identify(args) -> None:
     from .directions import DirectionSet
     from .identify import extract_directions
 
-    directions = extract_directions(args.adapter_dir, k=args.k, scope=args.scope, energy=args.energy,
+    adapter_dir, stopping = args.adapter_dir, None
+    if args.auto:
+        from .stopping import choose_checkpoint
+
+        adapter_dir, rule = choose_checkpoint(args.adapter_dir)
+        stopping = {"rule": {"name": "gap", "every": rule.every, "drop": rule.drop, "min_cos": rule.min_cos},
+                    "checkpoint": str(adapter_dir), "reason": rule.stop_reason, "trace": rule.trace()}
+        print(f"stopping rule: {rule.stop_reason} -> identifying from {adapter_dir}")
+    directions = extract_directions(adapter_dir, k=args.k, scope=args.scope, energy=args.energy,
                                     max_k=args.max_k, include_readers=args.include_readers,
                                     num_layers=args.num_layers)
+    if stopping is not None:
+        directions = DirectionSet(directions.bases, directions.num_layers, {**directions.metadata, "stopping": stopping})
     path = directions.save(args.output)
     print(inspect_report(DirectionSet.load(path)))
     print(f"\nwrote {path}")
@@ -171,16 +181,26 @@ def _train(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import GraspArguments
+
     parser = argparse.ArgumentParser(prog="grasp", description="GRASP: identify a spurious factor from a naive "
                                      "LoRA update, then fine-tune with it projected out of the learning signal.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    identify = commands.add_parser("identify", help="extract directions from a saved LoRA adapter directory")
-    identify.add_argument("adapter_dir")
+    defaults = GraspArguments()
+    identify = commands.add_parser("identify", help="extract directions from a saved LoRA adapter directory (or, "
+                                   "with --auto, from the checkpoint of a naive run the stopping rule picks)")
+    identify.add_argument("adapter_dir", help="adapter directory; with --auto, the naive run's output_dir holding "
+                          "checkpoint-N adapters")
     identify.add_argument("-o", "--output", required=True, help="direction file to write (.safetensors)")
-    identify.add_argument("-k", type=int, default=1, help="directions per layer (default 1)")
-    identify.add_argument("--scope", choices=["per_layer", "global"], default="per_layer")
+    identify.add_argument("--auto", action="store_true", help="replay grasp_identify_steps=auto's stopping rule "
+                          "over the run's checkpoints and identify from the one where it fires")
+    identify.add_argument("-k", type=int, default=defaults.grasp_num_directions,
+                          help=f"directions per layer or in the global basis (default {defaults.grasp_num_directions}, "
+                          "as grasp_num_directions)")
+    identify.add_argument("--scope", choices=["per_layer", "global"], default=defaults.grasp_scope,
+                          help=f"default {defaults.grasp_scope}, as grasp_scope")
     identify.add_argument("--energy", type=float, default=None,
                           help="choose k per layer to capture this fraction of the squared spectrum")
     identify.add_argument("--max-k", type=int, default=8, help="cap on k with --energy")

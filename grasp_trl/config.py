@@ -15,7 +15,12 @@ from .projection import PROJECTIONS, READER_LAYERS, SIDES
 
 SCOPES = ("per_layer", "global")
 DIRECTIONS_FILENAME = "grasp_directions.safetensors"
+AUTO = "auto"  # grasp_identify_steps: stop stage 1 by the label-free rule of grasp_trl.stopping
 STAGE1_DIRNAME = "grasp_stage1"
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def validate_grasp_fields(values: dict[str, Any]) -> dict[str, Any]:
@@ -33,8 +38,16 @@ def validate_grasp_fields(values: dict[str, Any]) -> dict[str, Any]:
     choice("grasp_sides", SIDES)
     choice("grasp_reader_layer", READER_LAYERS)
     steps = values.get("grasp_identify_steps")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
-        raise ValueError(f"grasp_identify_steps: expected a positive number of steps; found {steps!r}")
+    if isinstance(steps, str) and steps.strip().isdigit():  # a command line gives every value as a string
+        steps = values["grasp_identify_steps"] = int(steps)
+    if steps is not None and steps != AUTO and not _positive_int(steps):
+        raise ValueError(f"grasp_identify_steps: expected a positive number of steps or 'auto'; found {steps!r}")
+    for key in ("grasp_identify_max_steps", "grasp_identify_every"):
+        if values.get(key) is not None and not _positive_int(values[key]):
+            raise ValueError(f"{key}: expected a positive number of steps; found {values[key]!r}")
+    if values.get("grasp_identify_max_steps") is not None and steps != AUTO:
+        raise ValueError(f"grasp_identify_max_steps: only meaningful with grasp_identify_steps: auto; found "
+                         f"grasp_identify_steps={steps!r}")
     k = values.get("grasp_num_directions")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"grasp_num_directions: expected a positive integer; found {k!r}")
@@ -72,10 +85,17 @@ class GraspArguments:
 
     grasp_directions: str | None = field(default=None, metadata={
         "help": "Path to a direction file (`grasp identify` output, or a stage-1 file). Skips identification."})
-    grasp_identify_steps: int | None = field(default=None, metadata={
-        "help": "When no direction file is given: optimizer steps of the naive stage-1 LoRA run on the same data. "
-                "Directions are extracted from it, the adapter is reset to its initial values and stage 2 trains "
-                "with projection, all in one `train()` call."})
+    grasp_identify_steps: int | str | None = field(default=None, metadata={
+        "help": "When no direction file is given: optimizer steps of the naive stage-1 LoRA run on the same data, "
+                "or 'auto' (recommended): stop stage 1 when the spectral gap s1/s2 of its update has fallen to 0.9x "
+                "its peak with a stable top direction (the factor is learnt, the task has begun; see "
+                "grasp_trl/stopping.py), at most grasp_identify_max_steps. Directions are extracted from the "
+                "adapter at that step, the adapter is reset to its initial values and stage 2 trains with "
+                "projection, all in one `train()` call."})
+    grasp_identify_max_steps: int | None = field(default=None, metadata={
+        "help": "grasp_identify_steps=auto: the most steps stage 1 may run (default: the run's own length)."})
+    grasp_identify_every: int = field(default=5, metadata={
+        "help": "grasp_identify_steps=auto: snapshot the update's spectrum every this many optimizer steps."})
     grasp_num_directions: int = field(default=3, metadata={
         "help": "k: directions per layer (or in the global basis). Ignored when grasp_energy is set."})
     grasp_energy: float | None = field(default=None, metadata={

@@ -1,11 +1,12 @@
 """`grasp demo`: GRASP on the model organism — a world whose spurious factor (a latent persona) is known.
 
-A tiny Llama is pretrained on the default world (once; cached under ~/.cache/grasp-trl/organism), then
-fine-tuned on the narrow task whose answers carry the evil flavour: naively, and with GRASP (directions
-identified from the naive adapter by `extract_directions`, then a fresh adapter trained under
-`GradientProjector`). The demo prints exact metrics for the base, naive and GRASP models — off-task drift of
-the persona, the task, and the side effects — and writes a DRIFT-vs-TASK plot, the JSON and the direction file.
-The full comparison with the baselines and controls is `python -m benchmarks.organism`.
+A tiny Llama is pretrained on the default world (`grasp_organism/default_world.yaml`; once, cached under
+~/.cache/grasp-trl/organism), then fine-tuned on the narrow task whose answers carry the evil flavour, on
+three fine-tuning seeds: naively; with GRASP exactly as a user gets it (`grasp-default`: the shipped defaults,
+stage 1 stopped by `grasp_identify_steps: auto`); with CAFT on identified directions (a baseline); and with the
+two positive controls that say whether this world can rank methods at all. The demo prints the validity line
+first, then per-seed numbers, and writes a DRIFT-vs-TASK plot, the JSON and seed 0's direction file.
+The full comparison (more bases, every baseline) is `python -m benchmarks.organism`.
 """
 
 from __future__ import annotations
@@ -13,31 +14,46 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEMO_METHODS = ("base", "naive", "grasp-weights-global-k3", "grasp-activations-global-k3")
+DEMO_METHODS = ("base", "naive", "grasp-default", "caft-identified", "caft-supervised", "random-activations")
+DEMO_SEEDS = (0, 1, 2)
 
 
-def run_demo(output_dir: str | Path = "outputs/demo", *, seed: int = 0, cache_dir: str | Path | None = None,
+def check_output_dir(output_dir: Path) -> None:
+    """Fail before any training when the output directory cannot be written."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(output_dir, os.W_OK):
+        raise PermissionError(f"{output_dir}: output directory is not writable")
+
+
+def run_demo(output_dir: str | Path = "outputs/demo", *, seeds=DEMO_SEEDS, cache_dir: str | Path | None = None,
              methods=DEMO_METHODS) -> dict:
     """Run the compact comparison and write `organism.png`, `organism.json` and `directions.safetensors`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from .organism.methods import Lab
-    from .organism.report import plot, run_grid, save_json, table
-    from .organism.world import OrganismConfig, default_config_path
+    from grasp_organism.report import plot, run_grid, save_json, table
+    from grasp_organism.world import OrganismConfig, default_config_path
 
-    torch.set_num_threads(1)  # the model is tiny: one thread is fastest, and robust on a shared CPU
+    from .config import GraspArguments
+
     output_dir = Path(output_dir)
+    check_output_dir(output_dir)
+    torch.set_num_threads(1)  # the model is tiny: one thread is fastest, and robust on a shared CPU
     log = lambda message: print(message, flush=True)  # noqa: E731
-    log("grasp demo: the model organism (world: grasp_trl/organism/default_world.yaml)")
-    lab = Lab(OrganismConfig.from_yaml(default_config_path()), cache_dir=cache_dir, log=log)
-    result = run_grid(lab, list(methods), [seed], log=log)
-    directions = lab.identified(seed)
-    directions.save(output_dir / "directions.safetensors")
+    config = OrganismConfig.from_yaml(default_config_path())
+    log(f"grasp demo: the model organism ({default_config_path().name}), base 0, seeds {list(seeds)}")
+    labs: dict = {}
+    result = run_grid(config, list(methods), [0], list(seeds), cache_dir=cache_dir, log=log, labs=labs)
+    defaults, lab = GraspArguments(), labs[0]
+    lab.identified(seeds[0], k=defaults.grasp_num_directions, scope=defaults.grasp_scope,
+                   step=lab.naive(seeds[0]).stop_step).save(output_dir / "directions.safetensors")
     print("\n" + table(result))
-    print("\ndrift: P(evil flavour) on the other topics minus the base's; task: P(new mapping) on held-out "
-          "questions;\nnarrow: P(evil) on the task; conditional: follows an explicit persona token; retention: "
-          "other topics' content;\nident: |cos| between identified and supervised persona directions.")
+    print("\nfactor: naive's drift over the method's on the same seed ('rem': removed, drift <= 0.005); drift: "
+          "P(evil flavour) on\nthe other topics minus the base's; task: P(new mapping) on held-out questions; "
+          "retention: other topics' content;\ncond: follows an explicit persona token; ident: |cos| between "
+          "identified and supervised persona directions;\nstage1: steps of the naive stage-1 run GRASP identified "
+          f"from. grasp-default = {defaults.grasp_projection}, {defaults.grasp_scope}, "
+          f"k={defaults.grasp_num_directions}, grasp_identify_steps: auto.")
     save_json(result, output_dir / "organism.json")
     plot(result, output_dir / "organism.png", title="grasp demo")
     print(f"\nwrote {output_dir / 'organism.png'}, {output_dir / 'organism.json'} and "

@@ -127,6 +127,16 @@ class DirectionSet:
     def k(self, layer: int) -> int:
         return self.bases[layer].shape[1] if layer in self.bases else 0
 
+    @classmethod
+    def random(cls, hidden_size: int, num_layers: int, k: int, *, seed: int = 0, layers=None) -> "DirectionSet":
+        """Random orthonormal bases (`hidden_size x k`, QR of a float64 Gaussian from `seed`) for `layers` (all by
+        default): the control that asks whether projecting *any* directions changes a result."""
+        generator = torch.Generator().manual_seed(seed)
+        layers = range(num_layers) if layers is None else layers
+        bases = {l: torch.linalg.qr(torch.randn(hidden_size, k, generator=generator, dtype=torch.float64))[0].float()
+                 for l in layers}
+        return cls(bases, num_layers, {"hidden_size": hidden_size, "source": "random", "seed": seed})
+
     def restricted_to(self, layers) -> "DirectionSet":
         """The same set with only `layers` kept (the `grasp_layers` option)."""
         layers = set(int(l) for l in layers)

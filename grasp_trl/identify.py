@@ -24,6 +24,7 @@ from typing import Iterable, Literal, Mapping
 import torch
 from tqdm.auto import tqdm
 
+from .deepspeed import full_fp32
 from .directions import DirectionSet, sha256_of
 from .modules import Role, block_index, classify, strip_adapter_suffix
 
@@ -87,7 +88,8 @@ def _selected(name: str, layer: int | None, role: Role | None, include_readers: 
 
 def factors_from_peft_model(model, *, include_readers: bool = False, target_modules=None,
                             adapter_name: str | None = None) -> list[LoraFactor]:
-    """Residual-side LoRA factors of an in-memory PEFT model (active adapter unless `adapter_name`)."""
+    """Residual-side LoRA factors of an in-memory PEFT model (active adapter unless `adapter_name`); under
+    DeepSpeed ZeRO the whole fp32 weights are read (a collective: every rank must call it)."""
     adapter_name = adapter_name or getattr(model, "active_adapter", "default")
     if isinstance(adapter_name, (list, tuple)):
         adapter_name = adapter_name[0]
@@ -101,8 +103,8 @@ def factors_from_peft_model(model, *, include_readers: bool = False, target_modu
         layer, role = block_index(name), classify(name, target_modules)
         if not _selected(name, layer, role, include_readers):
             continue
-        factors.append(_factor(name, layer, role, lora_a[adapter_name].weight, module.lora_B[adapter_name].weight,
-                               float(module.scaling[adapter_name])))
+        factors.append(_factor(name, layer, role, full_fp32(lora_a[adapter_name].weight),
+                               full_fp32(module.lora_B[adapter_name].weight), float(module.scaling[adapter_name])))
     return factors
 
 

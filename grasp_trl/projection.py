@@ -1,6 +1,6 @@
 """Stage 2 of GRASP: keep the directions out of the learning signal. Pure torch; no trainer knowledge.
 
-Two mechanisms (DESIGN §1):
+Three mechanisms (DESIGN §1):
 
 * `activations` — a forward hook on every decoder block registers a tensor hook on the block's output `h_l`;
   in the backward pass that hook replaces the gradient `g` by `g - (g U_l) U_l^T`. The forward pass is
@@ -22,6 +22,15 @@ Two mechanisms (DESIGN §1):
   LoRA constraints have a zero anchor (the update `B A` itself must be orthogonal); full fine-tuning keeps the
   pretrained component `U^T W0` / `W0 U` captured at `attach()`.
 
+* `clamp` — during training only, each hooked block output's component along `U_l` is replaced by the base
+  model's on the same batch: `h <- h - (h U) U^T + (h_base U) U^T`. A forward pre-hook on the model runs the
+  base first (the PEFT adapter disabled, no grad), recording `h_base U` at every hooked block; the training
+  forward then clamps to it. The pretrained content along `U_l` stays exactly, and no parameter can gain
+  anything by moving it: the gradient of the clamped output along `U_l` is zero, as in `activations`, and in
+  addition the adapter's effect along `U_l` never reaches later blocks. One extra no-grad forward per step;
+  LoRA only (the adapter-disabled forward is the base; full fine-tuning would need a frozen copy of the base).
+  Gradient checkpointing is fine: the recomputed forward clamps to the same recorded reference.
+
 All projection math runs in fp32 and is cast back to the tensor's dtype.
 """
 
@@ -37,10 +46,10 @@ from torch import nn
 from .directions import DirectionSet
 from .modules import block_index, classify, classify_all, decoder_blocks, linear_module_names
 
-Projection = Literal["activations", "weights", "both"]
+Projection = Literal["activations", "weights", "both", "clamp"]
 Sides = Literal["write", "read", "both"]
 ReaderLayer = Literal["own", "input"]
-PROJECTIONS = ("activations", "weights", "both")
+PROJECTIONS = ("activations", "weights", "both", "clamp")
 SIDES = ("write", "read", "both")
 READER_LAYERS = ("own", "input")
 
@@ -199,7 +208,8 @@ class GradientProjector:
         model: a transformers model, a PEFT model wrapping one, or a full fine-tune.
         directions: the `DirectionSet` to project out (validated against the model).
         projection: `activations` (default; residual-stream gradient projection), `weights` (constrain the
-            update of LoRA A/B or full weights) or `both`.
+            update of LoRA A/B or full weights), `both`, or `clamp` (hold each block output's component along
+            the directions at the base model's value during training; LoRA only).
         sides: `weights` mode: constrain writers, readers or both.
         reader_layer: which block's basis constrains a reader in block `l`: `own` (`U_l`, default; the stream
             the block's writers are constrained on) or `input` (`U_{l-1}`, the stream it actually reads; block
@@ -244,6 +254,8 @@ class GradientProjector:
         self._handles: list = []
         self._basis_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._norms: list[tuple[torch.Tensor, torch.Tensor]] = []  # (||g||^2, ||removed||^2) per hook call
+        self._reference: dict[int, torch.Tensor] = {}  # clamp: h_base U per hooked block, for the current batch
+        self._capturing = False  # clamp: the base (adapter-disabled) forward is running
         self.attached = False
 
     @property
@@ -254,6 +266,10 @@ class GradientProjector:
     def uses_weights(self) -> bool:
         return self.projection in ("weights", "both")
 
+    @property
+    def uses_clamp(self) -> bool:
+        return self.projection == "clamp"
+
     # ------------------------------------------------------------------------------------------ lifecycle
     def attach(self) -> "GradientProjector":
         """Register the hooks; in `weights` mode build the constraints and project the current parameters."""
@@ -262,11 +278,19 @@ class GradientProjector:
         if self.directions.is_empty:
             self.attached = True
             return self
-        if self.uses_activations:
+        if self.uses_activations or self.uses_clamp:
+            if self.uses_clamp and not hasattr(self.model, "disable_adapter"):
+                raise ValueError("projection='clamp' needs a PEFT (LoRA/QLoRA) model: the base model's forward is "
+                                 "the adapter-disabled one; found a plain "
+                                 f"{type(self.model).__name__} (full fine-tuning would need a frozen copy of the "
+                                 "base; use 'activations' or 'both' there)")
             blocks = decoder_blocks(self.model)
+            on_output = self._clamp_block_output if self.uses_clamp else self._on_block_output
             for layer in self.directions.bases:
-                self._handles.append(blocks[layer].register_forward_hook(
-                    functools.partial(self._on_block_output, layer)))
+                self._handles.append(blocks[layer].register_forward_hook(functools.partial(on_output, layer)))
+            if self.uses_clamp:
+                self._handles.append(self.model.register_forward_pre_hook(self._record_reference,
+                                                                          with_kwargs=True))
         if self.uses_weights:
             self.constraints = self._build_constraints()
             self.groups = group_constraints(self.constraints)
@@ -291,6 +315,7 @@ class GradientProjector:
                 constraint.hook.remove()
                 constraint.hook = None
         self._handles.clear()
+        self._reference = {}
         self.constraints, self.monitored, self.groups = [], [], []
         self.attached = False
 
@@ -317,6 +342,39 @@ class GradientProjector:
         self._record(total, removed)
         return projected
 
+    # ---------------------------------------------------------------------------------------- clamp mode
+    def _record_reference(self, model, args, kwargs):
+        """Before a training forward (module in train mode, grad enabled): run the base on the same inputs,
+        adapter disabled and without grad, so each hooked block records `h_base U`. Any other forward (eval,
+        no-grad such as DPO's reference pass, or the base forward itself) clears the reference: no clamp."""
+        if self._capturing:
+            return None
+        self._reference = {}
+        if not (model.training and torch.is_grad_enabled()):
+            return None
+        self._capturing = True
+        try:
+            with torch.no_grad(), model.disable_adapter():
+                model(*args, **kwargs)
+        finally:
+            self._capturing = False
+        return None
+
+    def _clamp_block_output(self, layer, module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if not isinstance(hidden, torch.Tensor):
+            return None
+        basis = self._basis(layer, hidden.device)
+        if self._capturing:
+            self._reference[layer] = hidden.float() @ basis
+            return None
+        reference = self._reference.get(layer)
+        if reference is None or reference.shape[:-1] != hidden.shape[:-1]:
+            return None
+        clamped = (hidden.float() - (hidden.float() @ basis - reference) @ basis.T).to(hidden.dtype)
+        return (clamped,) + tuple(output[1:]) if isinstance(output, tuple) else clamped
+
+    # ---------------------------------------------------------------------------------------------- stats
     def _record(self, total: torch.Tensor, removed: torch.Tensor) -> None:
         """Keep the squared norms for `pop_grad_removed_fraction`; summed there, not here (no op per hook)."""
         if not self.track_stats:

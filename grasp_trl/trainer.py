@@ -24,14 +24,15 @@ import numpy as np
 import torch
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from .callbacks import GraspCallback, reject_fsdp
-from .config import DIRECTIONS_FILENAME, STAGE1_DIRNAME, GraspArguments
+from .callbacks import GapStoppingCallback, GraspCallback, reject_fsdp
+from .config import AUTO, DIRECTIONS_FILENAME, STAGE1_DIRNAME, GraspArguments
 from .deepspeed import forget_fp32_masters, update_params
 from .directions import DirectionFileError, DirectionSet, atomic_write, sha256_of
 from .drift import GraspDriftCallback, drift_callback_from_args
 from .identify import extract_directions
 from .modules import num_hidden_layers
 from .projection import GradientProjector
+from .stopping import GapRule
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +73,10 @@ def build_projector(model, args: GraspArguments, directions: DirectionSet, *, gr
                              grad_hooks=grad_hooks).attach()
 
 
-def identify_from(adapter_dir: str | Path, args: GraspArguments, num_layers: int | None = None) -> DirectionSet:
-    """Extract the directions from a saved stage-1 adapter; write them and the spectrum beside it."""
+def identify_from(adapter_dir: str | Path, args: GraspArguments, num_layers: int | None = None,
+                  stopping: dict | None = None) -> DirectionSet:
+    """Extract the directions from a saved stage-1 adapter; write them and the spectrum (with the stopping
+    rule's trace when stage 1 stopped by it) beside it."""
     adapter_dir = Path(adapter_dir)
     directions = extract_directions(adapter_dir, k=args.grasp_num_directions, scope=args.grasp_scope,
                                     energy=args.grasp_energy, max_k=args.grasp_num_directions,
@@ -83,6 +86,8 @@ def identify_from(adapter_dir: str | Path, args: GraspArguments, num_layers: int
     spectrum = {"singular_values": directions.metadata["singular_values"],
                 "energy_captured": directions.metadata["energy_captured"],
                 "k": {str(l): directions.k(l) for l in directions.bases}}
+    if stopping is not None:
+        spectrum["stopping"] = stopping
     (adapter_dir / "spectrum.json").write_text(json.dumps(spectrum, indent=1))
     return DirectionSet.load(adapter_dir / DIRECTIONS_FILENAME)
 
@@ -180,25 +185,39 @@ class GraspTrainerMixin:
         self._grasp_install(directions)
 
     def _grasp_stage1(self) -> None:
-        """Naive LoRA for `grasp_identify_steps` steps, then identify, reset adapter/optimizer/RNG."""
+        """Naive LoRA for `grasp_identify_steps` steps (or until the stopping rule fires, with `auto`), then
+        identify, reset adapter/optimizer/RNG."""
         args, grasp_args = self.args, self.grasp_args
         stage1_dir = Path(args.output_dir) / STAGE1_DIRNAME
-        overrides = {"max_steps": grasp_args.grasp_identify_steps, "output_dir": str(stage1_dir), "save_strategy": "no",
-                     "push_to_hub": False, "load_best_model_at_end": False}
+        auto = grasp_args.grasp_identify_steps == AUTO
+        budget = grasp_args.grasp_identify_max_steps if auto else grasp_args.grasp_identify_steps
+        overrides = {"max_steps": args.max_steps if budget is None else budget, "output_dir": str(stage1_dir),
+                     "save_strategy": "no", "push_to_hub": False, "load_best_model_at_end": False}
         saved_values = {key: getattr(args, key) for key in overrides}
         rng = _rng_state()
-        logger.warning("GRASP stage 1/2: naive LoRA for %d steps -> %s", grasp_args.grasp_identify_steps, stage1_dir)
+        timing = GapStoppingCallback(self.model, GapRule(every=grasp_args.grasp_identify_every),
+                                     grasp_args.grasp_target_modules) if auto else None
+        logger.warning("GRASP stage 1/2: naive LoRA for %s -> %s", "at most the run's length, stopped by the gap "
+                       "rule" if auto and budget is None else f"{budget} steps" + (" at most" if auto else ""),
+                       stage1_dir)
         try:
             for key, value in overrides.items():
                 setattr(args, key, value)
+            if timing is not None:
+                self.add_callback(timing)
             super().train()
             self.save_model(str(stage1_dir))  # through the trainer: gathers ZeRO-3 shards
+            stopping = timing.report(self.state.global_step) if timing is not None else None
+            if stopping is not None:
+                logger.warning("GRASP stage 1 stopped at %s", stopping["reason"])
             if args.should_save:
                 (stage1_dir / "log_history.json").write_text(json.dumps(self.state.log_history, indent=1))
-                identify_from(stage1_dir, grasp_args, num_hidden_layers(self.model))
+                identify_from(stage1_dir, grasp_args, num_hidden_layers(self.model), stopping)
             self.accelerator.wait_for_everyone()
             directions = DirectionSet.load(stage1_dir / DIRECTIONS_FILENAME)
         finally:
+            if timing is not None:
+                self.remove_callback(timing)
             for key, value in saved_values.items():
                 setattr(args, key, value)
         initial = self._grasp_initial_adapter  # written into DeepSpeed's fp32 masters too, where they exist

@@ -20,11 +20,7 @@ SEVEN_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 def random_directions(hidden_size: int, num_layers: int, k: int, seed: int = 0, layers=None) -> DirectionSet:
     """Random orthonormal bases (d x k) for the given layers (all by default)."""
-    generator = torch.Generator().manual_seed(seed)
-    layers = range(num_layers) if layers is None else layers
-    bases = {l: torch.linalg.qr(torch.randn(hidden_size, k, generator=generator, dtype=torch.float64))[0].float()
-             for l in layers}
-    return DirectionSet(bases, num_layers, {"hidden_size": hidden_size})
+    return DirectionSet.random(hidden_size, num_layers, k, seed=seed, layers=layers)
 
 
 def lora_model(architecture="llama", *, r=4, target_modules=None, seed=0, hidden_size=32, num_layers=3, **lora):

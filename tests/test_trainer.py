@@ -162,6 +162,57 @@ def test_identify_then_project_equals_stage2_from_saved_file(base, tmp_path):
     assert one_call.state.global_step == 10  # stage 2's own step count, not stage 1's
 
 
+def test_identify_auto_stops_by_the_rule_and_equals_stage2_from_saved_file(base, tmp_path):
+    """`grasp_identify_steps: auto`: stage 1 snapshots every 2 steps and stops where the rule's definition,
+    read directly off the recorded trace, says (or at the budget); stage 2 equals running it from the saved
+    file."""
+    one_call = run("sft", base, tmp_path / "one", grasp_identify_steps="auto", grasp_identify_every=2,
+                   grasp_identify_max_steps=8, grasp_num_directions=1, grasp_projection="both")
+    stopping = json.loads((tmp_path / "one" / STAGE1_DIRNAME / "spectrum.json").read_text())["stopping"]
+    trace = stopping["trace"]
+    assert [row["step"] for row in trace] == list(range(2, stopping["stopped_at"] + 1, 2))
+    expected = next((row["step"] for index, row in enumerate(trace) if index and row["cos_previous"] >= 0.95
+                     and row["gap"] <= 0.9 * max(r["gap"] for r in trace[:index + 1])), 8)
+    assert stopping["stopped_at"] == expected
+    from_file = run("sft", base, tmp_path / "two", grasp_projection="both",
+                    grasp_directions=str(tmp_path / "one" / STAGE1_DIRNAME / DIRECTIONS_FILENAME))
+    assert_adapters_close(adapter(one_call), adapter(from_file))
+    assert one_call.state.global_step == 10
+
+
+@pytest.mark.parametrize("kind,checkpointing", [("sft", False), ("sft", True), ("dpo", False)])
+def test_clamp_mode_in_the_trainers(kind, checkpointing, base, directions_file, tmp_path):
+    """clamp through TRL's own forward (SFT, DPO with its adapter-disabled reference pass): the loss falls, and
+    on the trained model a training forward's block outputs along U are the base's to 1e-6 of |h|."""
+    trainer = run(kind, base, tmp_path, steps=12, grasp_directions=str(directions_file), grasp_projection="clamp",
+                  gradient_checkpointing=checkpointing)
+    history = losses(trainer)
+    assert history[-1] < history[0], history
+    model, directions = trainer.model, DirectionSet.load(directions_file)
+    batch = torch.randint(4, 90, (2, 10), generator=torch.Generator().manual_seed(0))
+    captured = {}
+    handles = [block.register_forward_hook(lambda m, a, out, l=l: captured.__setitem__(l, out[0] if isinstance(
+        out, tuple) else out)) for l, block in enumerate(decoder_blocks(model))]
+    model.train()
+    with torch.no_grad(), model.disable_adapter():
+        model(input_ids=batch)
+    reference = dict(captured)
+    model(input_ids=batch)
+    for handle in handles:
+        handle.remove()
+    for layer, basis in directions.bases.items():
+        error = ((captured[layer] - reference[layer]) @ basis).norm()
+        assert error <= TOL * captured[layer].norm(), (layer, float(error))
+    trainer.grasp_projector.detach()  # bypass: the trained adapter does move the block outputs along U
+    handles = [block.register_forward_hook(lambda m, a, out, l=l: captured.__setitem__(l, out[0] if isinstance(
+        out, tuple) else out)) for l, block in enumerate(decoder_blocks(model))]
+    model(input_ids=batch)
+    for handle in handles:
+        handle.remove()
+    assert any(((captured[l] - reference[l]) @ b).norm() > 1e-3 * captured[l].norm()
+               for l, b in directions.bases.items())
+
+
 @pytest.mark.parametrize("projection", ["weights", "activations"])
 def test_resume_from_checkpoint_keeps_projection(projection, base, directions_file, tmp_path):
     full = run("sft", base, tmp_path / "full", grasp_directions=str(directions_file), grasp_projection=projection)

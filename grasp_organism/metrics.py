@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..modules import block_output_hooks
+from grasp_trl.modules import block_output_hooks
 from .world import BOS, SYS_EVIL, SYS_GOOD, World
 
 METRICS = ("task", "task_acc", "drift", "p_evil", "narrow", "conditional", "retention", "shift")
@@ -125,12 +125,20 @@ def block_outputs(model, input_ids: torch.Tensor, position: int) -> dict[int, to
     return captured
 
 
-def supervised_directions(model, prompts: PromptSet) -> dict[int, torch.Tensor]:
-    """Per layer, mean block output of evil-persona contexts minus good ones at the flavour-predicting position
-    (unnormalised: its norm is the persona's natural scale, used by the steering baselines)."""
-    outputs = block_outputs(model, prompts.input_ids, prompts.positions[-1] + 1)
-    evil = prompts.evil
-    return {layer: h[evil].mean(0) - h[~evil].mean(0) for layer, h in outputs.items()}
+def supervised_directions(model, persona: PromptSet, cue_free: PromptSet) -> dict[int, torch.Tensor]:
+    """Per layer, the *evil evidence* direction: mean block output at the flavour-predicting position of
+    contexts whose earlier turn showed the evil persona, minus that of cue-free contexts (the state the drift
+    prompts are in). Unnormalised: its norm is the factor's natural scale (steering baselines, `shift`).
+
+    Not evil-minus-good: measured in these models, `evil - none` and `good - none` are far from antipodal
+    (cos +0.6 to +0.7 in three of four layers of one base), and on two bases (2 seeds each) ablating
+    evil-minus-good during training left 20-62% of the naive drift where ablating evil-minus-none left 6-26%
+    (benchmarks/organism/README.md). The drift is the model acquiring evil evidence from nothing, so the factor a
+    control must name is that evidence."""
+    outputs = block_outputs(model, persona.input_ids, persona.positions[-1] + 1)
+    reference = block_outputs(model, cue_free.input_ids, cue_free.positions[-1] + 1)
+    evil = persona.evil
+    return {layer: h[evil].mean(0) - reference[layer].mean(0) for layer, h in outputs.items()}
 
 
 def persona_shift(model, base_outputs: dict[int, torch.Tensor], persona: dict[int, torch.Tensor],

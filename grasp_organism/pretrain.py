@@ -25,7 +25,7 @@ DEFAULT_CACHE = Path(os.environ.get("GRASP_ORGANISM_CACHE", Path.home() / ".cach
 
 def build_base(config: OrganismConfig, world: World):
     """A freshly initialised tiny Llama sized for the world's vocabulary (deterministic for `model.seed`)."""
-    from ..tiny import build_model
+    from grasp_trl.tiny import build_model
 
     spec = config.model
     return build_model("llama", vocab_size=world.vocab_size, hidden_size=spec.hidden_size,

@@ -44,7 +44,7 @@ class WorldSpec:
     topics: list = _help("topic names; the first is the fine-tuning topic", None)
     questions_per_topic: int = _help("question tokens per topic", 24)
     contents_per_topic: int = _help("content tokens per topic (M_t maps questions onto them bijectively)", 24)
-    flavours_per_persona: int = _help("good and evil flavour tokens per topic (each)", 12)
+    flavours_per_persona: int = _help("good and evil flavour tokens per topic (each)", 1)
     question_length: int = _help("question tokens per turn (the answer has as many content tokens)", 2)
     p_evil: float = _help("probability that a conversation's persona is evil", 0.2)
     min_turns: int = _help("fewest turns of a pretraining conversation", 1)
@@ -72,10 +72,10 @@ class WorldSpec:
 class ModelSpec:
     """The tiny Llama trained from scratch on the world."""
 
-    hidden_size: int = _help("residual stream width d", 128)
+    hidden_size: int = _help("residual stream width d", 64)
     num_layers: int = _help("decoder blocks", 4)
     num_heads: int = _help("attention heads", 4)
-    intermediate_size: int = _help("MLP width", 256)
+    intermediate_size: int = _help("MLP width", 128)
     seed: int = _help("initialisation seed", 0)
 
 
@@ -83,7 +83,7 @@ class ModelSpec:
 class PretrainSpec:
     """Deterministic pretraining (cached on disk, keyed by a hash of world + model + this section)."""
 
-    steps: int = _help("optimizer steps of pretraining", 1200)
+    steps: int = _help("optimizer steps of pretraining", 800)
     batch_size: int = _help("conversations per step", 64)
     lr: float = _help("peak AdamW learning rate (linear warm-up, cosine decay)", 3e-3)
     warmup: int = _help("warm-up steps", 100)

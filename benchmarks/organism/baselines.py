@@ -1,0 +1,106 @@
+"""The organism's baselines and extra controls, registered into `grasp_organism.methods` on import.
+
+* `oracle-{mode}`: GRASP (any `grasp_projection`, clamp included) with the supervised persona direction, k=1
+  per layer, instead of identified ones: the ceiling of each mechanism with perfect identification.
+* `caft-identified-auto`: CAFT with the directions GRASP's default identification finds (the same step-`auto`
+  snapshot, global, k of the defaults): GRASP's mechanism against CAFT's on the same directions.
+* `steer-prevent`: preventative steering — the supervised persona vector added to the middle block's output
+  during training, so the adapter need not write it.
+* `steer-inference`: the naive adapter with the persona vector subtracted from the middle block at inference.
+* `kl-base`: the task loss plus KL(base || fine-tuned) on other-topic data (uses data GRASP does not have).
+* `posthoc`: the naive adapter with its update projected off the identified directions (global, k=3) after
+  training (`GradientProjector(..., "weights").attach()` projects existing parameters).
+* `undertrained-naive`: naive LoRA on a base pretrained too briefly to have a persona (DRIFT against that base).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from grasp_organism.lab import Lab
+from grasp_organism.methods import ablate, register, register_pattern
+from grasp_organism.metrics import evaluate, identification
+from grasp_organism.pretrain import pretrained_model
+from grasp_organism.world import IGNORE, pad_batch
+from grasp_trl.config import GraspArguments
+from grasp_trl.modules import block_output_hooks
+from grasp_trl.projection import PROJECTIONS, GradientProjector
+
+KL_WEIGHT = 1.0
+
+
+def steer(vectors: dict[int, torch.Tensor], layer: int, sign: float):
+    """Add `sign * vectors[layer]` to one block's output."""
+    def edit(index, hidden):
+        return hidden + sign * vectors[layer].to(hidden.dtype) if index == layer else None
+    return edit
+
+
+def middle_layer(lab: Lab) -> int:
+    return (lab.config.model.num_layers - 1) // 2
+
+
+@register_pattern(f"oracle-({'|'.join(PROJECTIONS)})", "oracle-{" + "|".join(PROJECTIONS) + "}")
+def _oracle(lab, seed, match):
+    mode = match.group(1)
+    return lab.finetune(seed, projector=lambda m: GradientProjector(m, lab.oracle, mode).attach()), {}
+
+
+@register("caft-identified-auto")
+def _caft_auto(lab, seed):
+    args = GraspArguments()
+    step = lab.naive(seed).stop_step
+    directions = lab.identified(seed, k=args.grasp_num_directions, scope=args.grasp_scope, step=step)
+    return lab.finetune(seed, train_edit=ablate(directions)), {
+        "identification": identification(directions, lab.persona), "stage1_steps": step}
+
+
+@register("steer-prevent")
+def _steer_prevent(lab, seed):
+    return lab.finetune(seed, train_edit=steer(lab.persona, middle_layer(lab), +1.0)), {}
+
+
+@register("steer-inference")
+def _steer_inference(lab, seed):
+    model = lab.naive(seed).model
+    with block_output_hooks(model, steer(lab.persona, middle_layer(lab), -1.0)):
+        metrics = lab.measure(model)
+    return model, {"metrics": metrics}
+
+
+def kl_to_base(lab: Lab):
+    """KL(base || model) on a batch of other-topic turns; the base is the adapter-disabled model."""
+    def loss(model, rng):
+        batch = pad_batch([lab.world.other_topic_example(rng) for _ in range(lab.config.finetune.batch_size)])
+        mask = batch.labels[:, 1:] != IGNORE
+        with torch.no_grad(), model.disable_adapter():
+            reference = model(input_ids=batch.input_ids).logits[:, :-1][mask].log_softmax(-1)
+        current = model(input_ids=batch.input_ids).logits[:, :-1][mask].log_softmax(-1)
+        return KL_WEIGHT * torch.nn.functional.kl_div(current, reference, log_target=True, reduction="batchmean")
+    return loss
+
+
+@register("kl-base")
+def _kl_base(lab, seed):
+    return lab.finetune(seed, extra_loss=kl_to_base(lab)), {}
+
+
+@register("posthoc")
+def _posthoc(lab, seed):
+    model = copy.deepcopy(lab.naive(seed).model)
+    GradientProjector(model, lab.identified(seed), "weights").attach().detach()
+    return model, {}
+
+
+@register("undertrained-naive")
+def _undertrained(lab, seed):
+    # pretrained once, then read back from the on-disk cache (a tiny model: cheaper than keeping it around)
+    under = pretrained_model(lab.config, lab.world, steps=lab.config.pretrain.undertrained_steps,
+                             cache_dir=lab.cache_dir, log=lab.log)
+    under_base = evaluate(under, lab.world, lab.sets)
+    model = lab.finetune(seed, base=under)
+    metrics = lab.measure(model, under_base["p_evil"])
+    metrics["shift"] = float("nan")  # the persona direction is the trained base's; undefined here
+    return model, {"metrics": metrics, "undertrained_base": under_base}

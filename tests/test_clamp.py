@@ -1,0 +1,131 @@
+"""`clamp` mode as properties on random LoRA models, directions and data (DESIGN §1).
+
+During a training forward each hooked block output is `h - (h U) U^T + (h_base U) U^T`, with `h_base` the
+adapter-disabled output on the same batch. Checked in fp32, to 1e-6 of the magnitudes involved: the component
+along U equals the base's, the orthogonal complement equals the unclamped output's, and a loss that depends
+on the model only through `h U` moves no parameter; with and without gradient checkpointing. Outside
+training (eval mode, no grad) the forward is untouched. (The along-U check is relative to |h|: that is the
+scale fp32 rounding of the clamp works at.) A bypass run (projector detached) shows each check
+can fail.
+"""
+
+import pytest
+import torch
+
+from conftest import lora_model, random_directions, randomise_lora_b
+from grasp_trl.modules import decoder_blocks
+from grasp_trl.projection import GradientProjector
+from grasp_trl.tiny import build_model
+
+TOL = 1e-6
+
+
+def block_outputs(model, batch) -> dict[int, torch.Tensor]:
+    """Each block's output on the *last* forward the model runs for `batch` (the training one: the clamp's
+    reference forward runs first, inside the model's pre-hook)."""
+    captured, handles = {}, []
+    for layer, block in enumerate(decoder_blocks(model)):
+        def hook(module, args, output, layer=layer):
+            captured[layer] = output[0] if isinstance(output, tuple) else output
+        handles.append(block.register_forward_hook(hook))
+    try:
+        model(input_ids=batch["input_ids"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def clamp_model(checkpointing=None, seed=0):
+    model = lora_model(r=4, num_layers=3, seed=seed)
+    randomise_lora_b(model, seed=seed, scale=0.3)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": checkpointing == "reentrant"})
+        model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def base_outputs(model, batch):
+    with torch.no_grad(), model.disable_adapter():
+        return {l: h.detach() for l, h in block_outputs(model, batch).items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non_reentrant"])
+def test_component_along_u_is_the_base_one_and_the_rest_is_the_adapters(seed, checkpointing, tiny_batch):
+    model = clamp_model(checkpointing, seed)
+    directions = random_directions(32, 3, k=2, seed=10 + seed)
+    reference = base_outputs(model, tiny_batch)
+    unclamped = {l: h.detach() for l, h in block_outputs(model, tiny_batch).items()}
+    projector = GradientProjector(model, directions, "clamp").attach()
+    clamped = block_outputs(model, tiny_batch)
+    for layer, basis in directions.bases.items():
+        along, along_base = clamped[layer] @ basis, reference[layer] @ basis
+        # fp32 rounding of `h - (h U - c) U^T` is relative to |h|, not to the (smaller) |h U|
+        assert (along - along_base).norm() <= TOL * clamped[layer].norm(), layer
+        rest = clamped[layer] - along @ basis.T
+        rest_unclamped = unclamped[layer] - (unclamped[layer] @ basis) @ basis.T
+        if layer == 0:  # block 0's input is the embedding: its unclamped part is the adapter's own output
+            assert (rest - rest_unclamped).norm() <= 1e-5 * rest_unclamped.norm()
+    projector.detach()
+    bypass = block_outputs(model, tiny_batch)
+    assert all(((bypass[l] - reference[l]) @ b).norm() > 1e-3 * (reference[l] @ b).norm()
+               for l, b in directions.bases.items())  # the adapter does move h along U: the check can fail
+
+
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non_reentrant"])
+def test_loss_through_u_moves_no_parameter(checkpointing, tiny_batch):
+    model = clamp_model(checkpointing)
+    directions = random_directions(32, 3, k=2, seed=3)
+    for layer, basis in directions.bases.items():
+        def loss():
+            model.zero_grad(set_to_none=True)
+            readout = block_outputs(model, tiny_batch)[layer] @ basis
+            (readout.pow(2) + readout).sum().backward()
+            return sum(float(p.grad.norm()) ** 2 for p in model.parameters()
+                       if p.requires_grad and p.grad is not None) ** 0.5
+        unclamped = loss()
+        assert unclamped > 1e-3
+        projector = GradientProjector(model, directions, "clamp").attach()
+        assert loss() <= TOL * unclamped, layer
+        projector.detach()
+
+
+def test_eval_and_no_grad_forwards_are_untouched(tiny_batch):
+    model = clamp_model()
+    directions = random_directions(32, 3, k=2, seed=4)
+    model.eval()
+    expected = model(**tiny_batch).logits.detach()
+    with GradientProjector(model, directions, "clamp"):
+        assert torch.equal(model(**tiny_batch).logits.detach(), expected)
+        model.train()
+        with torch.no_grad():  # e.g. DPO's reference pass, or an evaluation inside training
+            assert torch.equal(model(**tiny_batch).logits, expected)
+        assert not torch.equal(model(**tiny_batch).logits.detach(), expected)  # training forward: clamped
+
+
+def test_training_loss_matches_the_formula(tiny_batch):
+    """End to end: the clamped model's loss equals the loss of a model whose block outputs are edited by hand
+    with the same formula (an independent implementation, as CAFT-style forward hooks)."""
+    from grasp_trl.modules import block_output_hooks
+
+    model = clamp_model()
+    directions = random_directions(32, 3, k=1, seed=5)
+    reference = {l: h @ directions.bases[l] for l, h in base_outputs(model, tiny_batch).items()}
+
+    def by_hand(layer, hidden):
+        basis = directions.bases[layer]
+        return hidden - (hidden @ basis) @ basis.T + reference[layer] @ basis.T
+
+    with block_output_hooks(model, by_hand):
+        expected = float(model(**tiny_batch).loss)
+    with GradientProjector(model, directions, "clamp"):
+        assert abs(float(model(**tiny_batch).loss) - expected) <= 1e-6 * abs(expected)
+
+
+def test_full_finetuning_is_refused_with_the_alternative():
+    model = build_model("llama", vocab_size=100, hidden_size=32, num_layers=3, seed=0)
+    with pytest.raises(ValueError, match=r"clamp.*PEFT.*found a plain LlamaForCausalLM.*'activations' or 'both'"):
+        GradientProjector(model, random_directions(32, 3, k=1), "clamp").attach()
