@@ -53,7 +53,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 from transformers import TrainerCallback  # noqa: E402  (after the offline environment is set)
 
-VARIANTS = ("plain", "activations", "weights", "both")
+VARIANTS = ("plain", "activations", "weights", "both", "clamp")
 SEVEN_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -216,11 +216,12 @@ class GraspTime:
     """Wall time spent inside GRASP's own code (per step), by wrapping the projector's per-step entry points."""
 
     ENTRY_POINTS = ("_on_block_output", "_project_residual_grad", "_project_param_grad", "project_gradients",
-                    "project_parameters")
+                    "project_parameters", "_record_reference", "_clamp_block_output")
 
     def __init__(self):
         self.seconds = 0.0
         self._originals = {}
+        self._depth = 0  # clamp's reference forward runs block hooks inside `_record_reference`: count it once
 
     def __enter__(self):
         from grasp_trl.projection import GradientProjector
@@ -230,10 +231,13 @@ class GraspTime:
 
             def timed(*args, _original=original, **kwargs):
                 start = time.perf_counter()
+                self._depth += 1
                 try:
                     return _original(*args, **kwargs)
                 finally:
-                    self.seconds += time.perf_counter() - start
+                    self._depth -= 1
+                    if not self._depth:
+                        self.seconds += time.perf_counter() - start
 
             setattr(GradientProjector, name, timed)
         return self
@@ -408,7 +412,7 @@ def plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     models = results["models"]
-    for offset, variant, color in zip((-0.15, 0.0, 0.15), VARIANTS[1:], ("C0", "C1", "C2")):
+    for offset, variant, color in zip((-0.15, -0.05, 0.05, 0.15), VARIANTS[1:], ("C0", "C1", "C2", "C3")):
         xs, separate, within, lows, highs, attributed = [], [], [], [], [], []
         for entry in models:
             stats = entry["variants"].get(variant)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import methods as registry
 from .lab import Lab
-from .validity import check, factors, format_factor
+from .validity import check, defined, factors, format_factor
 from .world import OrganismConfig
 
 COLUMNS = ("drift", "task", "retention", "conditional", "narrow")
@@ -31,30 +31,63 @@ def base_config(config: OrganismConfig, base: int) -> OrganismConfig:
         pretrain=dataclasses.replace(config.pretrain, seed=config.pretrain.seed + base))
 
 
-def run_grid(config: OrganismConfig, methods: list[str], bases: list[int], seeds: list[int], *, cache_dir=None,
-             log=print, labs: dict | None = None) -> dict:
-    """Every method on every (base, seed), base-major then seed-major: each naive run is trained once.
-    `labs`, when given, receives each base's `Lab` (its naive runs included) for the caller to reuse."""
+def run_base(config: OrganismConfig, methods: list[str], base: int, seeds: list[int], *, cache_dir=None,
+             log=print, labs: dict | None = None) -> tuple[dict, dict[str, list[dict]]]:
+    """Every method on every seed of one base, seed-major (each seed's naive run is trained once).
+    Returns the base's metrics and the runs; `labs`, when given, receives the base's `Lab` for reuse."""
+    lab = Lab(base_config(config, base), cache_dir=cache_dir, log=log)
+    if labs is not None:
+        labs[base] = lab
     runs: dict[str, list[dict]] = {m: [] for m in methods}
-    base_metrics, total, done, started = {}, len(methods) * len(seeds) * len(bases), 0, time.time()
-    for base in bases:
-        lab = Lab(base_config(config, base), cache_dir=cache_dir, log=log)
-        if labs is not None:
-            labs[base] = lab
-        base_metrics[str(base)] = lab.base_metrics
-        for seed in seeds:
-            for method in methods:
-                run = registry.run(lab, method, seed)
-                runs[method].append({"base": base, "seed": seed, "seconds": round(run.seconds, 2), **run.metrics,
-                                     **run.extra})
-                done += 1
-                if log:
-                    m = run.metrics
-                    log(f"[{done}/{total}] base {base} seed {seed} {method:<32} drift {m['drift']:+.3f} "
-                        f"task {m['task']:.3f} ret {m['retention']:.3f} cond {m['conditional']:.3f} "
-                        f"({run.seconds:.0f}s, {time.time() - started:.0f}s total)")
-    return {"bases": bases, "seeds": seeds, "base_metrics": base_metrics, "runs": runs,
-            "config": config.to_dict(), "seconds": round(time.time() - started, 1)}
+    started, total = time.time(), len(methods) * len(seeds)
+    for seed in seeds:
+        for method in methods:
+            run = registry.run(lab, method, seed)
+            runs[method].append({"base": base, "seed": seed, "seconds": round(run.seconds, 2), **run.metrics,
+                                 **run.extra})
+            if log:
+                m = run.metrics
+                log(f"[base {base}: {sum(map(len, runs.values()))}/{total}] seed {seed} {method:<32} drift "
+                    f"{m['drift']:+.3f} task {m['task']:.3f} ret {m['retention']:.3f} cond {m['conditional']:.3f} "
+                    f"({run.seconds:.0f}s, {time.time() - started:.0f}s)")
+    return lab.base_metrics, runs
+
+
+def _run_base_in_worker(args) -> tuple[dict, dict]:
+    """`run_base` in a worker process: one torch thread, and the method registries the parent had."""
+    import importlib
+
+    import torch
+
+    config, methods, base, seeds, cache_dir, modules = args
+    torch.set_num_threads(1)
+    for module in modules:
+        importlib.import_module(module)
+    return run_base(config, methods, base, seeds, cache_dir=cache_dir, log=lambda m: print(m, flush=True))
+
+
+def run_grid(config: OrganismConfig, methods: list[str], bases: list[int], seeds: list[int], *, cache_dir=None,
+             log=print, labs: dict | None = None, jobs: int = 1, registries: tuple[str, ...] = ()) -> dict:
+    """Every method on every (base, seed). With `jobs > 1` the bases run in that many worker processes (each
+    base is deterministic on its own, so the numbers do not depend on `jobs`); `registries` are modules the
+    workers import to register extra methods. `labs` (in-process only) receives each base's `Lab`."""
+    started = time.time()
+    if jobs > 1 and len(bases) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(bases)), mp_context=context) as pool:
+            outputs = list(pool.map(_run_base_in_worker, [(config, methods, b, seeds, cache_dir, registries)
+                                                          for b in bases]))
+    else:
+        outputs = [run_base(config, methods, b, seeds, cache_dir=cache_dir, log=log, labs=labs) for b in bases]
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for _, base_runs in outputs:
+        for method, rows in base_runs.items():
+            runs[method].extend(rows)
+    return {"bases": bases, "seeds": seeds, "base_metrics": {str(b): out[0] for b, out in zip(bases, outputs)},
+            "runs": runs, "config": config.to_dict(), "seconds": round(time.time() - started, 1)}
 
 
 def validity(result: dict) -> dict:
@@ -81,8 +114,8 @@ def summary(result: dict, method: str) -> dict:
         naive = {(r["base"], r["seed"]): r for r in result["runs"]["naive"]}
         per_seed = factors(result["runs"], method)
         out["factors"] = per_seed
-        out["median"] = statistics.median(per_seed)
-        out["worst"] = min(per_seed)
+        out["median"] = statistics.median(defined(per_seed)) if defined(per_seed) else math.nan
+        out["worst"] = min(defined(per_seed)) if defined(per_seed) else math.nan
         for metric in ("task", "retention"):
             out[f"{metric}_vs_naive"] = statistics.mean(r[metric] / naive[(r["base"], r["seed"])][metric]
                                                         for r in runs)
@@ -114,7 +147,8 @@ def table(result: dict) -> str:
         ret_rel = f"{row['retention_vs_naive']:.3f}" if "retention_vs_naive" in row else "-"
         ident = f"{row['ident']:.2f}" if "ident" in row else "-"
         stage1 = "-" if "stage1_steps" not in row else "{}-{}".format(*row["stage1_steps"])
-        seeds = " ".join(("rem" if f == math.inf else f"{f:.1f}") for f in row.get("factors", []))
+        seeds = " ".join(("rem" if f == math.inf else "n/a" if f != f else f"{f:.1f}")
+                         for f in row.get("factors", []))
         lines.append(f"{method:<34}{median:>9}{worst:>9}{row['drift'][0]:>+9.3f}±{row['drift'][1]:<5.3f}"
                      f"{row['task'][0]:>8.3f}{task_rel:>8}{row['retention'][0]:>11.3f}{ret_rel:>8}"
                      f"{row['conditional'][0]:>7.3f}{ident:>7}{stage1:>9}  {seeds}")
@@ -132,8 +166,19 @@ def save_json(result: dict, path: str | Path) -> None:
                                        for b, v in checked["per_base"].items()}})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=1, default=lambda value: None)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text.replace("Infinity", '"removed"')))
+    text = json.dumps(_jsonable(data), indent=1, allow_nan=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _jsonable(value):
+    """Strict JSON: a factor of inf (drift removed) becomes "removed", NaN (undefined) null, tuples lists."""
+    if isinstance(value, float):
+        return "removed" if value == math.inf else None if value != value or value == -math.inf else value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 def plot(result: dict, path: str | Path, title: str = "organism: off-task drift vs task") -> None:

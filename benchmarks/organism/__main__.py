@@ -44,6 +44,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cache-dir", default=None, help="pretrained-model cache (default ~/.cache/grasp-trl/organism)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this tiny model "
                                                                "on a shared CPU; results do not depend on it)")
+    parser.add_argument("--jobs", type=int, default=1, help="bases run in this many worker processes (one torch "
+                                                            "thread each; results do not depend on it)")
     args = parser.parse_args(argv)
 
     import torch
@@ -62,7 +64,7 @@ def main(argv=None) -> None:
     config = OrganismConfig.from_yaml(args.world or default_config_path())
     log = lambda message: print(message, flush=True)  # noqa: E731
     result = run_grid(config, methods, list(range(args.bases)), list(range(args.seeds)), cache_dir=args.cache_dir,
-                      log=log)
+                      log=log, jobs=args.jobs, registries=("benchmarks.organism.baselines",))
     if args.json:
         save_json(result, args.json)
     print()
