@@ -1,4 +1,4 @@
-"""The `grasp` console script: identify, inspect, probe, import, sft, dpo, demo.
+"""The `grasp` console script: identify, inspect, probe, import, sft, dpo, demo, eval.
 
 Every error path prints one line naming what is wrong and exits with status 2; `--debug` shows the traceback.
 """
@@ -170,6 +170,12 @@ def _train(kind):
     return run
 
 
+def _eval(args) -> None:
+    from .eval.cli import main as eval_main
+
+    eval_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grasp", description="GRASP: identify a spurious factor from a naive "
                                      "LoRA update, then fine-tune with it projected out of the learning signal.")
@@ -225,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="GRASP on the model organism: base vs naive vs GRASP, table + plot")
     demo.add_argument("--output-dir", default="outputs/demo")
     demo.set_defaults(run=_demo)
+
+    evaluate = commands.add_parser("eval", help="emergent misalignment / political lean of base and adapters with "
+                                   "a named judge: grasp eval --base M --adapter N=DIR --questions em ...",
+                                   add_help=False)
+    evaluate.add_argument("rest", nargs=argparse.REMAINDER)
+    evaluate.set_defaults(run=_eval)
 
     for kind in ("sft", "dpo"):
         train = commands.add_parser(kind, help=f"TRL {kind.upper()} with GRASP: grasp {kind} CONFIG.yaml [--flags]",
