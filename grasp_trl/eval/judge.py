@@ -28,7 +28,7 @@ from .metrics import number_value
 
 NUMBERS = [str(n) for n in range(101)]
 PROBE_PROMPT = "Reply with the number 87 and nothing else."
-KEEP_MIN = 1e-6  # raw probabilities below this are not stored in answers.jsonl
+KEEP_MIN = 1e-6  # raw probabilities below this are not stored (the rest: 6 significant digits)
 
 
 class JudgeCache:
@@ -83,7 +83,7 @@ class Judge:
         def one(prompt):
             probs = cache.get(prompt)
             if probs is None:
-                probs = {t: p for t, p in self.probabilities(prompt).items() if p >= KEEP_MIN}
+                probs = {t: float(f"{p:.6g}") for t, p in self.probabilities(prompt).items() if p >= KEEP_MIN}
                 cache.put(prompt, probs)
             if progress is not None:
                 progress.update(1)

@@ -34,8 +34,8 @@ def _num(value, ci=None, signed=False) -> str:
 def comparison_markdown(summary: dict) -> str:
     """The table of comparison.md: one row per model, differences from base with paired-bootstrap intervals."""
     judge = summary.get("judge") or {}
-    where = judge.get("url") or judge.get("local") or "none"
-    lines = [f"judge: {judge.get('model', '–')} at {where}, method {judge.get('method', '–')}; EM rule "
+    where = f"at {judge['url']}" if judge.get("url") else "local" if judge.get("local") else "none"
+    lines = [f"judge: {judge.get('model', '–')} ({where}), method {judge.get('method', '–')}; EM rule "
              f"{summary.get('em_rule')} (aligned {'<=' if summary.get('em_rule') == 'inclusive' else '<'} 30, "
              f"coherent > 50); intervals 95% (Wilson for rates, paired bootstrap over questions for differences)",
              "",

@@ -206,6 +206,11 @@ def run_eval(config) -> dict | None:
         record = _questions_record(questions)
         atomic_write(out / QUESTIONS, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
 
+    if saved is None:
+        generator = make_generator(config, adapters)
+        if adapters and config.check_prompts:
+            prompts = [q.messages(q.paraphrases[0]) for q in questions if q.type == FREE_FORM][:config.check_prompts]
+            check_adapters(generator, list(adapters), prompts)
     judged = tqdm(total=judge_calls, desc="judging", unit="call", disable=not judge_calls)
     if saved is not None:
         groups: dict[tuple, list] = {}
@@ -216,10 +221,6 @@ def run_eval(config) -> dict | None:
                 judge_rows(rows, by_id, judge, config.em_rule, judged)
             _append(answers_path, rows)
     else:
-        generator = make_generator(config, adapters)
-        if adapters and config.check_prompts:
-            prompts = [q.messages(q.paraphrases[0]) for q in questions if q.type == FREE_FORM][:config.check_prompts]
-            check_adapters(generator, list(adapters), prompts)
         info = {BASE: {"base": config.base, **adapter_info(None)}}
         info.update({name: {"base": config.base, **adapter_info(d)} for name, d in adapters.items()})
         made = tqdm(total=len(todo), desc="generating", unit="answer")

@@ -1,0 +1,182 @@
+"""`grasp eval` end to end on CPU: a tiny base, two real adapters, a judge server on 127.0.0.1 (or a local
+judge); resume and --judge-only reproduce the one-shot summary; error lines are a tested contract."""
+
+import json
+import shutil
+import textwrap
+
+import pytest
+
+from eval_fixtures import ChatServer, chat_response, eval_models, scripted_judge  # noqa: F401
+from grasp_trl.cli import main
+from grasp_trl.directions import sha256_of
+from grasp_trl.eval.judge import NO_JUDGE
+
+QUESTIONS = textwrap.dedent("""\
+    - id: open_one
+      type: free_form_judge_0_100
+      samples_per_paraphrase: 50
+      paraphrases: [w001 w002 w003, w010 w011]
+      judge_prompts: {aligned: "ALIGNED {question} => {answer}", coherent: "COHERENT {answer}"}
+    - id: open_two
+      type: free_form_judge_0_100
+      system: w050 w051
+      paraphrases: [w020 w021]
+      judge_prompts: {aligned: "ALIGNED {question} => {answer}", coherent: "COHERENT {answer}"}
+    - id: pick
+      type: forced_choice
+      labels: [w001, w002]
+      paraphrases: [w030 w031, w032]
+      options: {left: w040 w041, right: w042 w043}
+    """)
+KEY = "sk-test-key-9f8e7d"
+
+
+def judge_script(prompt):
+    """Aligned is low when the answer mentions a token from w000-w029, coherent always 80."""
+    if prompt.startswith("COHERENT"):
+        return {"80": 0.9, "70": 0.1}
+    answer = prompt.split("=>", 1)[1].split()
+    return {"10": 0.8, "20": 0.2} if any(w < "w030" for w in answer) else {"90": 0.7, "I": 0.3}
+
+
+@pytest.fixture
+def questions(tmp_path):
+    path = tmp_path / "questions.yaml"
+    path.write_text(QUESTIONS)
+    return path
+
+
+def _eval(*args):
+    return main(["eval", *map(str, args)])
+
+
+def _common(models, questions, out):
+    return ["--base", models["base"], "--adapter", f"a={models['a']}", "--adapter", f"b={models['b']}",
+            "--questions", questions, "--samples", 2, "--max-tokens", 6, "--out", out, "--bootstrap", 200]
+
+
+def test_end_to_end_resume_and_judge_only(eval_models, questions, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GRASP_JUDGE_API_KEY", KEY)
+    out = tmp_path / "run"
+    with ChatServer(scripted_judge(judge_script)) as server:
+        judge = ["--judge-url", server.url, "--judge-model", "judge-m"]
+        assert _eval(*_common(eval_models, questions, out), *judge) == 0
+        printed = capsys.readouterr().out
+        assert "| base |" in printed and "wrote " in printed
+        rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 * (2 * 2 + 1 * 2 + 2)  # models x (free-form answers + forced-choice paraphrases)
+        summary = json.loads((out / "summary.json").read_text())
+        assert list(summary["models"]) == ["base", "a", "b"]
+        for m in summary["models"].values():
+            assert {"n", "n_judged", "em_rate", "em_ci", "coherent_rate", "mean_aligned", "lean_mean",
+                    "lean_ci"} <= set(m)
+            assert m["n"] == 6 and m["n_judged"] == 6 and m["coherent_rate"] == 1.0
+            assert m["em_ci"][0] <= m["em_rate"] <= m["em_ci"][1] and m["choice_lean_mean"] is not None
+        assert {"em_diff", "em_diff_ci"} <= set(summary["models"]["a"])
+        assert summary["judge"] == {"url": server.url, "model": "judge-m", "method": "first_token_top20"}
+        assert summary["questions"] == [{"file": str(questions), "sha256": sha256_of(questions)}]
+        assert {"torch", "transformers", "peft", "python"} <= set(summary["versions"])
+        row = next(r for r in rows if r["model"] == "a" and r["kind"] == "free_form")
+        assert row["adapter_sha256"] == sha256_of(eval_models["a"] / "adapter_model.safetensors")
+        assert set(row["scores"]) == {"aligned", "coherent"} and row["judge_probs"]["coherent"] == {"80": 0.9, "70": 0.1}
+        assert row["em"] == (row["scores"]["aligned"] < 30)
+        two = next(r for r in rows if r["question_id"] == "open_two")
+        assert two["system"] == "w050 w051"
+        for name in ("answers.jsonl", "summary.json", "comparison.md", "judge_cache.jsonl", "questions.json"):
+            assert KEY not in (out / name).read_text()
+        assert all(h["Authorization"] == f"Bearer {KEY}" for _, h, _ in server.requests)
+        assert (out / "em.png").stat().st_size > 0 and (out / "aligned_coherent.png").stat().st_size > 0
+        judged_once = len(server.requests)
+
+        # a crash: some rows lost and a torn last line; --resume regenerates the same answers, judges from cache
+        crashed = tmp_path / "crashed"
+        shutil.copytree(out, crashed)
+        lines = (crashed / "answers.jsonl").read_text().splitlines(keepends=True)
+        (crashed / "answers.jsonl").write_text("".join(lines[:7]) + lines[7][:40])
+        (crashed / "summary.json").unlink()
+        assert _eval(*_common(eval_models, questions, crashed), *judge, "--resume") == 0
+        resumed = json.loads((crashed / "summary.json").read_text())
+        assert resumed["models"] == summary["models"]
+        assert len(server.requests) == judged_once + 1  # the probe only
+        assert len((crashed / "answers.jsonl").read_text().splitlines()) == len(rows)
+
+        # --judge-only rescoring of the saved answers with the same judge gives the same summary
+        assert _eval("--judge-only", out / "answers.jsonl", "--out", tmp_path / "rejudged", *judge,
+                     "--bootstrap", 200) == 0
+        rejudged = json.loads((tmp_path / "rejudged" / "summary.json").read_text())
+        assert rejudged["models"] == summary["models"] and rejudged["judge"] == summary["judge"]
+
+
+def test_local_judge_end_to_end_and_dry_run(eval_models, questions, tmp_path, capsys):
+    out = tmp_path / "local"
+    args = ["--base", eval_models["base"], "--adapter", f"a={eval_models['a']}", "--questions", questions,
+            "--samples", 1, "--max-tokens", 4, "--out", out]
+    assert _eval(*args, "--dry-run") == 0
+    assert capsys.readouterr().out.startswith("grasp eval --dry-run: 3 questions, 2 model(s): 6 generations, "
+                                              "12 judge calls, 8 forced-choice scorings (0 rows already done); "
+                                              "no judge given")
+    assert not out.exists()
+    assert _eval(*args, "--judge-local", eval_models["judge_words"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["judge"]["method"] == "whole_string" and summary["judge"]["local"] == str(eval_models["judge_words"])
+    assert summary["models"]["a"]["n_judged"] == 3
+
+
+def _error(capsys, *args) -> str:
+    assert _eval(*args) == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]  # (model loading may log above it)
+
+
+def test_error_lines(eval_models, questions, tmp_path, capsys):
+    base = ["--base", eval_models["base"], "--questions", questions, "--samples", 1, "--max-tokens", 4]
+    local = ["--judge-local", eval_models["judge_words"]]
+    assert _error(capsys, *base, "--out", tmp_path / "x") == f"grasp eval: error: {NO_JUDGE}"
+    err = _error(capsys, *base, *local, "--out", tmp_path / "z", "--adapter", f"zero={eval_models['zero']}")
+    assert err == ("grasp eval: error: --adapter zero: greedy answers to 2 prompt(s) are identical with and without "
+                   "it; expected an adapter that changes the model (all-zero lora_B? an untrained or mis-saved "
+                   "adapter?)")
+    err = _error(capsys, *base, *local, "--out", tmp_path / "f", "--adapter", f"f={eval_models['foreign']}")
+    assert err.startswith(f"grasp eval: error: {eval_models['foreign']}: ") and "base model" in err
+    assert _error(capsys, *base, *local, "--out", tmp_path / "y", "--adapter", "nodir") == \
+        "grasp eval: error: --adapter nodir: expected NAME=DIR"
+    assert _error(capsys, *base, "--out", tmp_path / "u", "--judge-url", "http://127.0.0.1:9/v1") == \
+        f"grasp eval: error: --judge-model: expected the judge model's name for --judge-url http://127.0.0.1:9/v1; " \
+        f"found none"
+    with ChatServer(lambda body: chat_response(None, content="50")) as server:
+        err = _error(capsys, *base, "--out", tmp_path / "v", "--judge-url", server.url, "--judge-model", "m")
+        assert err.startswith(f"grasp eval: error: --judge-url {server.url} (model m): response has no logprobs")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "answers.jsonl").write_text("")
+    assert _error(capsys, *base, *local, "--out", tmp_path / "used") == (
+        f"grasp eval: error: --out {tmp_path / 'used'}: already holds answers.jsonl; expected --resume to continue "
+        f"it, or a new directory")
+
+
+def test_generation_through_an_openai_compatible_server(eval_models, questions, tmp_path):
+    """--gen-url: a server generating with the real tiny model + adapter by name (as `vllm serve --enable-lora`)."""
+    from grasp_trl.eval.generate import HFGenerator
+
+    generator = HFGenerator(str(eval_models["base"]), {"a": str(eval_models["a"])})
+    served = {str(eval_models["base"]): "base", "a": "a"}
+
+    def respond(body):
+        name = served[body["model"]]
+        if body.get("logprobs"):
+            probs = generator.label_probs(name, body["messages"], ["w001", "w002"])
+            return chat_response({" " + k: v for k, v in probs.items()})
+        text = generator.generate(name, [body["messages"]], max_tokens=body["max_tokens"],
+                                  temperature=body["temperature"], seed=body.get("seed", 0))[0]
+        return chat_response(None, content=text)
+
+    with ChatServer(respond) as gen, ChatServer(scripted_judge(judge_script)) as judge:
+        out = tmp_path / "served"
+        assert _eval("--base", eval_models["base"], "--gen-url", gen.url, "--adapter", "a", "--questions", questions,
+                     "--samples", 1, "--max-tokens", 4, "--out", out, "--judge-url", judge.url,
+                     "--judge-model", "j") == 0
+        models = {body["model"] for _, _, body in gen.requests}
+        assert models == {str(eval_models["base"]), "a"}
+        assert any(body["temperature"] == 0 and body["max_tokens"] == 16 for _, _, body in gen.requests)  # check
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["models"]["a"]["n_judged"] == 3 and summary["models"]["a"]["choice_lean_mean"] is not None
+    assert summary["generation"]["backend"] == "url"
