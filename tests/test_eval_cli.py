@@ -180,3 +180,18 @@ def test_generation_through_an_openai_compatible_server(eval_models, questions, 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["models"]["a"]["n_judged"] == 3 and summary["models"]["a"]["choice_lean_mean"] is not None
     assert summary["generation"]["backend"] == "url"
+
+
+def test_axolotl_grasp_eval_passes_the_flags_through(eval_models, questions, tmp_path):
+    from click.testing import CliRunner
+
+    from axolotl_plugin.cli import grasp_eval
+
+    args = ["--base", str(eval_models["base"]), "--questions", str(questions), "--samples", "1", "--out",
+            str(tmp_path / "ax")]
+    result = CliRunner().invoke(grasp_eval, [*args, "--dry-run"])
+    assert result.exit_code == 0 and "grasp eval --dry-run: 3 questions, 1 model(s): 3 generations" in result.output
+    result = CliRunner().invoke(grasp_eval, [*args, "--backend", "vllm"])
+    assert result.exit_code == 1 and "Error: --backend vllm: vllm is not installed in this environment" in result.output
+    result = CliRunner().invoke(grasp_eval, ["--help"])
+    assert result.exit_code == 0 and "usage: axolotl grasp-eval" in result.output and "--judge-local" in result.output

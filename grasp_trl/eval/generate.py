@@ -196,18 +196,24 @@ class OpenAIGenerator:
         return _normalised(stripped, labels)
 
 
+def require_vllm() -> None:
+    """Fail in one line, before any model is loaded, when `--backend vllm` cannot work here."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ImportError("--backend vllm: vllm is not installed in this environment; expected an importable "
+                          "vllm (install it in a separate environment, see docs/EVAL.md), or use --backend hf "
+                          "or --gen-url")
+
+
 class VLLMGenerator:
     """vLLM in-process (GPU; optional: install vllm in its own environment, see docs/EVAL.md)."""
 
     def __init__(self, base: str, adapters: dict[str, str], *, max_lora_rank: int = 64):
-        try:
-            from vllm import LLM
-            from vllm.lora.request import LoRARequest
-        except ImportError as exc:
-            raise ImportError("--backend vllm: vllm is not installed in this environment; expected an importable "
-                              "vllm (install it in a separate environment, see docs/EVAL.md), or use --backend hf "
-                              "or --gen-url") from exc
+        require_vllm()
         import torch
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
 
         if not torch.cuda.is_available():
             raise ValueError("--backend vllm: expected a CUDA GPU; found none (use --backend hf on CPU)")

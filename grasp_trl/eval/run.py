@@ -144,6 +144,10 @@ def _check_flags(config) -> None:
         return
     if not config.base:
         raise ValueError("--base: expected the base model (directory or hub id); found none")
+    if config.backend == "vllm" and not config.gen_url:
+        from .generate import require_vllm
+
+        require_vllm()
     if not config.questions:
         raise ValueError("--questions: expected at least one question file (or a shipped set: em, lean, "
                          "lean_choice); found none")
