@@ -1,6 +1,7 @@
 """Real parts for the `grasp eval` tests: an OpenAI-compatible chat-completions server on 127.0.0.1 (stdlib
-`http.server` in a thread), tiny judges with word-level and digit-split tokenizers, a tiny base model and real
-PEFT adapters saved to disk (one that changes the output, one all-zero, one for another base)."""
+`http.server` in a thread), and (built with `grasp_trl.eval.example`'s builders) tiny judges with word-level and
+digit-split tokenizers, a tiny base model and real PEFT adapters saved to disk (two that change the output, one
+all-zero, one for another base)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from grasp_trl.tiny import SPECIAL_TOKENS, build_model, save_tiny_model
-
-NUMBER_WORDS = [str(n) for n in range(101)]
-JUDGE_WORDS = ["grade", "the", "answer", "reply", "with", "number", "and", "nothing", "else"]
+from grasp_trl.eval.example import save_adapter, save_judge
+from grasp_trl.tiny import save_tiny_model
 
 
 def chat_response(top: dict[str, float] | None, content: str | None = None) -> dict:
@@ -102,49 +101,6 @@ def local_judge_responder(judge):
         top = torch.topk(probs, 20)
         return chat_response({judge.tokenizer.decode([i]): p.item() for p, i in zip(top.values, top.indices)})
     return respond
-
-
-def number_tokenizer(digits_only: bool):
-    """Judge tokenizer: every number 0-100 one word-level token, or (`digits_only`) numbers split into digits
-    (as Qwen's tokenizer does)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    numbers = [str(d) for d in range(10)] if digits_only else NUMBER_WORDS
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(SPECIAL_TOKENS + numbers + JUDGE_WORDS))}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    splits = [pre_tokenizers.WhitespaceSplit()] + ([pre_tokenizers.Digits(individual_digits=True)]
-                                                   if digits_only else [])
-    backend.pre_tokenizer = pre_tokenizers.Sequence(splits)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                        bos_token="<s>", eos_token="</s>")
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    return tokenizer
-
-
-def save_judge(directory, digits_only: bool, seed: int = 0):
-    tokenizer = number_tokenizer(digits_only)
-    model = build_model("llama", vocab_size=len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, seed=seed)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-def save_adapter(base_dir, directory, *, b_scale: float, seed: int = 0, r: int = 4):
-    """A real LoRA adapter for the model in `base_dir`, lora_B ~ N(0, b_scale) (0: an all-zero, no-op adapter)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "down_proj"],
-                                      lora_dropout=0.0))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * b_scale)
-    model.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="session")
