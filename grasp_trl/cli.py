@@ -171,9 +171,9 @@ def _train(kind):
 
 
 def _eval(args) -> None:
-    from .eval.cli import main as eval_main
+    from .eval.cli import config_from, run
 
-    eval_main(args.rest)
+    run(config_from(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,11 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="outputs/demo")
     demo.set_defaults(run=_demo)
 
-    evaluate = commands.add_parser("eval", help="emergent misalignment / political lean of base and adapters with "
-                                   "a named judge: grasp eval --base M --adapter N=DIR --questions em ...",
-                                   add_help=False)
-    evaluate.add_argument("rest", nargs=argparse.REMAINDER)
-    evaluate.set_defaults(run=_eval)
+    from .eval.cli import DESCRIPTION, add_arguments
+
+    evaluate = commands.add_parser("eval", description=DESCRIPTION, help="emergent misalignment / political lean of "
+                                   "base and adapters with a named judge (docs/EVAL.md)")
+    add_arguments(evaluate).set_defaults(run=_eval)
 
     for kind in ("sft", "dpo"):
         train = commands.add_parser(kind, help=f"TRL {kind.upper()} with GRASP: grasp {kind} CONFIG.yaml [--flags]",
