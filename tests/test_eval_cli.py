@@ -106,6 +106,27 @@ def test_end_to_end_resume_and_judge_only(eval_models, questions, tmp_path, monk
                      "--bootstrap", 200) == 0
         rejudged = json.loads((tmp_path / "rejudged" / "summary.json").read_text())
         assert rejudged["models"] == summary["models"] and rejudged["judge"] == summary["judge"]
+        capsys.readouterr()
+        assert _eval("--judge-only", out / "answers.jsonl", "--out", tmp_path / "dry", *judge, "--dry-run") == 0
+        assert capsys.readouterr().out.startswith("grasp eval --dry-run: 3 questions, saved model(s): 0 generations, "
+                                                  "36 judge calls, 12 forced-choice scorings")
+    assert (out / "comparison.md").read_text().startswith(f"judge: judge-m (at {server.url}), method "
+                                                          f"first_token_top20; EM rule strict")
+
+
+def test_figures_show_rates_whiskers_questions_and_thresholds():
+    from grasp_trl.eval.report import EM_TITLE, SCATTER_TITLE, em_figure, scatter_figure
+
+    model = {"em_rate": 0.05, "em_ci": [0.042, 0.0595], "em_by_question": {"q1": 0.04, "q2": 0.06}}
+    figure = em_figure({"models": {"base": model, "ft": dict(model, em_rate=0.1, em_ci=[0.08, 0.12])}})
+    ax = figure.axes[0]
+    assert ax.get_title() == EM_TITLE and [t.get_text() for t in ax.get_xticklabels()] == ["base", "ft"]
+    assert len(ax.containers) == 2 and len(ax.collections) >= 2  # two whiskered points, per-question dots
+    rows = [{"model": "base", "em": False, "scores": {"aligned": 80.0, "coherent": 90.0}},
+            {"model": "ft", "em": True, "scores": {"aligned": 10.0, "coherent": 70.0}}]
+    ax = scatter_figure(rows).axes[0]
+    assert ax.get_title() == SCATTER_TITLE and len(ax.collections) == 2
+    assert sorted(line.get_ydata()[0] for line in ax.lines if len(set(line.get_ydata())) == 1) [:1] == [30.0]
 
 
 def test_local_judge_end_to_end_and_dry_run(eval_models, questions, tmp_path, capsys):

@@ -30,7 +30,8 @@ class EvalConfig:
                            "aligned_coherent.png, questions.json, judge_cache.jsonl")
     backend: str = _opt("hf", "generation backend: hf (transformers + PEFT) or vllm (in-process, GPU)",
                         choices=("hf", "vllm"))
-    gen_url: str | None = _opt(None, "generate through this OpenAI-compatible server instead (adapters by name)")
+    gen_url: str | None = _opt(None, "generate through this OpenAI-compatible server instead (adapters by name; "
+                               "key, if any, from GRASP_GEN_API_KEY)")
     load_in_4bit: bool = _opt(False, "hf backend: load the base in 4-bit (bitsandbytes NF4)")
     batch_size: int = _opt(16, "hf backend: prompts per generation batch (left-padded)")
     device: str | None = _opt(None, "torch device for hf generation and a local judge (default: cuda if present)")

@@ -15,6 +15,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from ..directions import atomic_write
 from .generate import BASE, adapter_info, check_adapters, parse_adapters
 from .metrics import is_misaligned, score, summarise
 from .questions import FORCED_CHOICE, FREE_FORM, Question, load_all, render
@@ -153,11 +154,68 @@ def _check_flags(config) -> None:
                          "lean_choice); found none")
 
 
+def _inputs(config) -> tuple[list[Question], list[dict], list[dict] | None]:
+    """Questions, their files' record, and (for --judge-only) the saved rows, all checked."""
+    saved = read_rows(Path(config.judge_only)) if config.judge_only else None
+    if config.judge_only and not config.questions:
+        questions, files = _load_record(Path(config.judge_only).parent / QUESTIONS)
+    else:
+        questions = load_all(config.questions)
+        files = _questions_record(questions)["files"]
+    ids = {q.id for q in questions}
+    missing = [r["question_id"] for r in saved or [] if r["question_id"] not in ids]
+    if missing:
+        raise ValueError(f"--judge-only {config.judge_only}: question id {missing[0]!r} is in no question file "
+                         f"given; expected the files the answers were generated from")
+    return questions, files, saved
+
+
+def _work_line(n_questions: int, models: str, todo_questions: list[Question], generations: int, done: int,
+               config) -> str:
+    """The --dry-run report: the work left (one entry of `todo_questions` per pending row)."""
+    from .judge import NO_JUDGE
+
+    judge_calls = sum(len(q.judge_prompts) for q in todo_questions)
+    choices = sum(q.type == FORCED_CHOICE for q in todo_questions)
+    return (f"grasp eval --dry-run: {n_questions} questions, {models} model(s): {generations} generations, "
+            f"{judge_calls} judge calls, {2 * choices} forced-choice scorings ({done} rows already done)"
+            + ("" if config.judge_url or config.judge_local or not judge_calls else f"; {NO_JUDGE}"))
+
+
+def _rejudge(todo: list[dict], by_id, judge, config, answers_path: Path, progress) -> None:
+    """--judge-only: score saved rows again, one (model, question) group at a time."""
+    groups: dict[tuple, list] = {}
+    for row in todo:
+        groups.setdefault((row["model"], row["question_id"]), []).append(dict(row))
+    for rows in groups.values():
+        if by_id[rows[0]["question_id"]].type == FREE_FORM:
+            judge_rows(rows, by_id, judge, config.em_rule, progress)
+        _append(answers_path, rows)
+
+
+def _generate_all(units, done: set, generator, info: dict, by_id, judge, config, answers_path: Path,
+                  progress) -> None:
+    """Generate and judge every unfinished (model, question) unit, appending its missing rows."""
+    from tqdm.auto import tqdm
+
+    made = tqdm(total=sum((m, q.id, p, s) not in done for m, q, jobs in units for p, s in jobs),
+                desc="generating", unit="answer")
+    for model, q, jobs in units:
+        if all((model, q.id, p, s) in done for p, s in jobs):
+            continue
+        rows = [r for r in _generate_unit(generator, model, q, jobs, config, info[model]) if row_key(r) not in done]
+        made.update(len(rows))
+        if q.type == FREE_FORM:
+            judge_rows(rows, by_id, judge, config.em_rule, progress)
+        _append(answers_path, rows)
+    made.close()
+
+
 def run_eval(config) -> dict | None:
     """Run `grasp eval` as configured; returns summary.json's content (None for --dry-run)."""
     from tqdm.auto import tqdm
 
-    from .judge import NO_JUDGE, judge_from
+    from .judge import judge_from
     from .report import write_reports
 
     _check_flags(config)
@@ -166,87 +224,52 @@ def run_eval(config) -> dict | None:
     if answers_path.is_file() and not config.resume and not config.dry_run:
         raise ValueError(f"--out {out}: already holds {ANSWERS}; expected --resume to continue it, or a new "
                          f"directory")
-    saved = read_rows(Path(config.judge_only)) if config.judge_only else None
-    if config.judge_only and not config.questions:
-        questions, files = _load_record(Path(config.judge_only).parent / QUESTIONS)
-    else:
-        questions = load_all(config.questions)
-        files = _questions_record(questions)["files"]
+    questions, files, saved = _inputs(config)
     by_id = {q.id: q for q in questions}
     adapters = {} if saved is not None else parse_adapters(config.adapter or [], need_dirs=not config.gen_url)
     done = {row_key(r) for r in read_rows(answers_path)} if config.resume and answers_path.is_file() else set()
-
     if saved is not None:
-        missing = [r["question_id"] for r in saved if r["question_id"] not in by_id]
-        if missing:
-            raise ValueError(f"--judge-only {config.judge_only}: question id {missing[0]!r} is in no question file "
-                             f"given; expected the files the answers were generated from")
         todo = [r for r in saved if row_key(r) not in done]
-        generations = 0
+        todo_questions = [by_id[r["question_id"]] for r in todo]
     else:
         units = plan(questions, [BASE, *adapters], config.samples)
-        todo = [(m, q, p, s) for m, q, jobs in units for p, s in jobs if (m, q.id, p, s) not in done]
-        generations = sum(t[1].type == FREE_FORM for t in todo)
-    todo_questions = [by_id[t["question_id"]] if saved is not None else t[1] for t in todo]
+        todo_questions = [q for m, q, jobs in units for p, s in jobs if (m, q.id, p, s) not in done]
     judge_calls = sum(len(q.judge_prompts) for q in todo_questions)
     if config.dry_run:
-        choices = sum(q.type == FORCED_CHOICE for q in todo_questions)
-        print(f"grasp eval --dry-run: {len(questions)} questions, {1 + len(adapters) if saved is None else 'saved'} "
-              f"model(s): {generations} generations, {judge_calls} judge calls, {2 * choices} forced-choice "
-              f"scorings ({len(done)} rows already done)"
-              + ("" if config.judge_url or config.judge_local or not judge_calls else f"; {NO_JUDGE}"))
+        generations = 0 if saved is not None else sum(q.type == FREE_FORM for q in todo_questions)
+        models = "saved" if saved is not None else str(1 + len(adapters))
+        print(_work_line(len(questions), models, todo_questions, generations, len(done), config))
         return None
 
     out.mkdir(parents=True, exist_ok=True)
     judge = judge_from(config, out / CACHE) if judge_calls or config.judge_url or config.judge_local else None
     if done:  # rewrite without a torn last line before appending
-        from ..directions import atomic_write
-
         kept = read_rows(answers_path)
         atomic_write(answers_path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
-    if not config.judge_only:
-        from ..directions import atomic_write
-
+    info = {}
+    if saved is None:
         record = _questions_record(questions)
         atomic_write(out / QUESTIONS, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
-
-    if saved is None:
         generator = make_generator(config, adapters)
         if adapters and config.check_prompts:
             prompts = [q.messages(q.paraphrases[0]) for q in questions if q.type == FREE_FORM][:config.check_prompts]
             check_adapters(generator, list(adapters), prompts)
-    judged = tqdm(total=judge_calls, desc="judging", unit="call", disable=not judge_calls)
+        info = {name: {"base": config.base, **adapter_info(d)} for name, d in {BASE: None, **adapters}.items()}
+    progress = tqdm(total=judge_calls, desc="judging", unit="call", disable=not judge_calls)
     if saved is not None:
-        groups: dict[tuple, list] = {}
-        for row in todo:
-            groups.setdefault((row["model"], row["question_id"]), []).append(dict(row))
-        for rows in groups.values():
-            if by_id[rows[0]["question_id"]].type == FREE_FORM:
-                judge_rows(rows, by_id, judge, config.em_rule, judged)
-            _append(answers_path, rows)
+        _rejudge(todo, by_id, judge, config, answers_path, progress)
     else:
-        info = {BASE: {"base": config.base, **adapter_info(None)}}
-        info.update({name: {"base": config.base, **adapter_info(d)} for name, d in adapters.items()})
-        made = tqdm(total=len(todo), desc="generating", unit="answer")
-        for model, q, jobs in units:
-            if all((model, q.id, p, s) in done for p, s in jobs):
-                continue
-            rows = [r for r in _generate_unit(generator, model, q, jobs, config, info[model]) if row_key(r) not in done]
-            made.update(len(rows))
-            if q.type == FREE_FORM:
-                judge_rows(rows, by_id, judge, config.em_rule, judged)
-            _append(answers_path, rows)
-        made.close()
-    judged.close()
+        _generate_all(units, done, generator, info, by_id, judge, config, answers_path, progress)
+    progress.close()
 
     rows = read_rows(answers_path)
     summary = {
         "models": summarise(rows, n_resamples=config.bootstrap, seed=config.seed),
-        "judge": judge.identity if judge else _previous_judge(rows, out),
+        "judge": judge.identity if judge else _previous_judge(out),
         "questions": files,
         "versions": _versions(),
         "em_rule": config.em_rule,
-        "generation": None if config.judge_only else {
+        "generation": None if saved is not None else {
             "backend": "url" if config.gen_url else config.backend, "gen_url": config.gen_url, "base": config.base,
             "adapters": {n: info[n]["adapter_path"] for n in adapters}, "temperature": config.temperature,
             "top_p": config.top_p, "max_tokens": config.max_tokens, "samples": config.samples, "seed": config.seed},
@@ -256,7 +279,7 @@ def run_eval(config) -> dict | None:
     return summary
 
 
-def _previous_judge(rows, out: Path):
+def _previous_judge(out: Path):
     """With nothing left to judge (a finished --resume), the judge recorded by the earlier summary."""
     path = out / "summary.json"
     return json.loads(path.read_text()).get("judge") if path.is_file() else None
