@@ -79,6 +79,7 @@ def test_end_to_end_resume_and_judge_only(eval_models, questions, tmp_path, monk
         assert {"torch", "transformers", "peft", "python"} <= set(summary["versions"])
         row = next(r for r in rows if r["model"] == "a" and r["kind"] == "free_form")
         assert row["adapter_sha256"] == sha256_of(eval_models["a"] / "adapter_model.safetensors")
+        assert row["judge"] == summary["judge"]
         assert set(row["scores"]) == {"aligned", "coherent"} and row["judge_probs"]["coherent"] == {"80": 0.9, "70": 0.1}
         assert row["em"] == (row["scores"]["aligned"] < 30)
         two = next(r for r in rows if r["question_id"] == "open_two")
@@ -100,6 +101,14 @@ def test_end_to_end_resume_and_judge_only(eval_models, questions, tmp_path, monk
         assert resumed["models"] == summary["models"]
         assert len(server.requests) == judged_once + 1  # the probe only
         assert len((crashed / "answers.jsonl").read_text().splitlines()) == len(rows)
+
+        # resuming with another judge would mix judges in one file: refused
+        with ChatServer(scripted_judge(judge_script)) as other:
+            assert _eval(*_common(eval_models, questions, crashed), "--judge-url", other.url, "--judge-model",
+                         "judge-m", "--resume") == 2
+            assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+                f"grasp eval: error: --resume: rows in {crashed / 'answers.jsonl'} were judged by {{'url': "
+                f"'{server.url}'")
 
         # --judge-only rescoring of the saved answers with the same judge gives the same summary
         assert _eval("--judge-only", out / "answers.jsonl", "--out", tmp_path / "rejudged", *judge,

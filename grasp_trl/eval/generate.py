@@ -209,15 +209,22 @@ def require_vllm() -> None:
 class VLLMGenerator:
     """vLLM in-process (GPU; optional: install vllm in its own environment, see docs/EVAL.md)."""
 
-    def __init__(self, base: str, adapters: dict[str, str], *, max_lora_rank: int = 64):
+    RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+    def __init__(self, base: str, adapters: dict[str, str]):
         require_vllm()
         import torch
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
+        from ..identify import read_adapter_config
+
         if not torch.cuda.is_available():
             raise ValueError("--backend vllm: expected a CUDA GPU; found none (use --backend hf on CPU)")
-        self.llm = LLM(model=base, enable_lora=bool(adapters), max_lora_rank=max_lora_rank, seed=0)
+        rank = max([read_adapter_config(Path(d)).get("r", 8) for d in adapters.values()] or [8])
+        lora = dict(enable_lora=True, max_loras=len(adapters),
+                    max_lora_rank=next((r for r in self.RANKS if r >= rank), rank)) if adapters else {}
+        self.llm = LLM(model=base, seed=0, **lora)
         self.requests = {name: LoRARequest(name, i + 1, str(Path(d).resolve()))
                          for i, (name, d) in enumerate(adapters.items())}
 

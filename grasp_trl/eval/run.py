@@ -63,7 +63,7 @@ def judge_rows(rows: list[dict], questions: dict[str, Question], judge, rule: st
             for i, row in enumerate(rows) for metric, template in questions[row["question_id"]].judge_prompts.items()]
     results = judge.judge_many([prompt for _, _, prompt in asks], progress)
     for row in rows:
-        row["scores"], row["judge_probs"] = {}, {}
+        row["scores"], row["judge_probs"], row["judge"] = {}, {}, judge.identity
     for (i, metric, _), probs in zip(asks, results):
         rows[i]["scores"][metric] = score(probs)
         rows[i]["judge_probs"][metric] = probs
@@ -243,6 +243,8 @@ def run_eval(config) -> dict | None:
 
     out.mkdir(parents=True, exist_ok=True)
     judge = judge_from(config, out / CACHE) if judge_calls or config.judge_url or config.judge_local else None
+    if done and judge:
+        _check_same_judge(read_rows(answers_path), judge.identity, out)
     if done:  # rewrite without a torn last line before appending
         kept = read_rows(answers_path)
         atomic_write(answers_path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
@@ -277,6 +279,14 @@ def run_eval(config) -> dict | None:
     }
     write_reports(out, summary, rows)
     return summary
+
+
+def _check_same_judge(rows: list[dict], identity: dict, out: Path) -> None:
+    """--resume must not mix judges within one answers file."""
+    other = next((r["judge"] for r in rows if r.get("judge") and r["judge"] != identity), None)
+    if other is not None:
+        raise ValueError(f"--resume: rows in {out / ANSWERS} were judged by {other}; expected the same judge, found "
+                         f"{identity}; re-score them with --judge-only ANSWERS.jsonl --out NEW_DIR instead")
 
 
 def _previous_judge(out: Path):
