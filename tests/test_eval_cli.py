@@ -225,3 +225,12 @@ def test_axolotl_grasp_eval_passes_the_flags_through(eval_models, questions, tmp
     assert result.exit_code == 1 and "Error: --backend vllm: vllm is not installed in this environment" in result.output
     result = CliRunner().invoke(grasp_eval, ["--help"])
     assert result.exit_code == 0 and "usage: axolotl grasp-eval" in result.output and "--judge-local" in result.output
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs(tmp_path, capsys):
+    from grasp_trl.eval.example import main as example
+
+    assert example([str(tmp_path / "example")]) == 0
+    out = capsys.readouterr().out
+    assert "\ngrasp eval --base " in "\n" + out and "| base | 16 |" in out and "| b | 16 |" in out

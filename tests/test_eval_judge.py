@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from eval_fixtures import ChatServer, chat_response, eval_models, local_judge_responder, scripted_judge  # noqa: F401
-from grasp_trl.eval.judge import NUMBERS, PROBE_PROMPT, HTTPJudge, LocalJudge
+from grasp_trl.eval.config import EvalConfig
+from grasp_trl.eval.judge import NO_JUDGE, NUMBERS, PROBE_PROMPT, HTTPJudge, LocalJudge, judge_from
 from grasp_trl.eval.metrics import score
 
 PROMPT = "grade the answer 50 reply with number and nothing else"
@@ -129,3 +130,18 @@ def test_http_probe_refuses_a_judge_that_splits_numbers(eval_models):
     assert message.startswith(f"--judge-url {server.url}: judge model tiny-digits does not answer numbers as single "
                               f"tokens (asked for 87, top first tokens [")
     assert "use --judge-local (whole-string method)" in message and "\n" not in message
+
+
+def test_judge_from_flags_key_fallback_and_no_silent_default(monkeypatch, tmp_path):
+    monkeypatch.delenv("GRASP_JUDGE_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-fallback")
+    with ChatServer(scripted_judge(_by_answer)) as server:
+        judge = judge_from(EvalConfig(judge_url=server.url, judge_model="m"), tmp_path / "cache.jsonl")
+        judge.judge_many(["good"])
+        assert [h["Authorization"] for _, h, _ in server.requests] == ["Bearer sk-fallback"] * 2
+        assert (tmp_path / "cache.jsonl").is_file() and "sk-fallback" not in (tmp_path / "cache.jsonl").read_text()
+    with pytest.raises(ValueError) as info:
+        judge_from(EvalConfig(), None)
+    assert str(info.value) == NO_JUDGE
+    with pytest.raises(ValueError, match=r"^--judge-url / --judge-local: expected one judge; found both$"):
+        judge_from(EvalConfig(judge_url="http://x", judge_model="m", judge_local="dir"), None)

@@ -254,7 +254,8 @@ def run_eval(config) -> dict | None:
         atomic_write(out / QUESTIONS, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
         generator = make_generator(config, adapters)
         if adapters and config.check_prompts:
-            prompts = [q.messages(q.paraphrases[0]) for q in questions if q.type == FREE_FORM][:config.check_prompts]
+            prompts = [q.messages(q.paraphrases[0] if q.type == FREE_FORM else q.choice_prompt(q.paraphrases[0], False))
+                       for q in questions][:config.check_prompts]
             check_adapters(generator, list(adapters), prompts)
         info = {name: {"base": config.base, **adapter_info(d)} for name, d in {BASE: None, **adapters}.items()}
     progress = tqdm(total=judge_calls, desc="judging", unit="call", disable=not judge_calls)
