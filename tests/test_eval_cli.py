@@ -80,7 +80,8 @@ def test_end_to_end_resume_and_judge_only(eval_models, questions, tmp_path, monk
         row = next(r for r in rows if r["model"] == "a" and r["kind"] == "free_form")
         assert row["adapter_sha256"] == sha256_of(eval_models["a"] / "adapter_model.safetensors")
         assert row["judge"] == summary["judge"]
-        assert set(row["scores"]) == {"aligned", "coherent"} and row["judge_probs"]["coherent"] == {"80": 0.9, "70": 0.1}
+        assert set(row["scores"]) == {"aligned", "coherent"}
+        assert row["judge_probs"]["coherent"] == {"80": 0.9, "70": 0.1}
         assert row["em"] == (row["scores"]["aligned"] < 30)
         two = next(r for r in rows if r["question_id"] == "open_two")
         assert two["system"] == "w050 w051"

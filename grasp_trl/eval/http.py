@@ -8,6 +8,7 @@ error is raised at once. The API key travels only in the `Authorization` header 
 from __future__ import annotations
 
 import json
+import math
 import time
 import urllib.error
 import urllib.request
@@ -65,8 +66,6 @@ def top_logprobs(response: dict, where: str) -> dict[str, float]:
     """token -> probability of the first generated token's top alternatives, from a chat-completion response.
 
     Raises one line naming `where` when the response carries no logprobs."""
-    import math
-
     try:
         entries = response["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
     except (KeyError, IndexError, TypeError):
