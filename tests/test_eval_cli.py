@@ -164,7 +164,7 @@ def test_error_lines(eval_models, questions, tmp_path, capsys):
     local = ["--judge-local", eval_models["judge_words"]]
     assert _error(capsys, *base, "--out", tmp_path / "x") == f"grasp eval: error: {NO_JUDGE}"
     err = _error(capsys, *base, *local, "--out", tmp_path / "z", "--adapter", f"zero={eval_models['zero']}")
-    assert err == ("grasp eval: error: --adapter zero: greedy answers to 2 prompt(s) are identical with and without "
+    assert err == ("grasp eval: error: --adapter zero: greedy answers to 3 prompt(s) are identical with and without "
                    "it; expected an adapter that changes the model (all-zero lora_B? an untrained or mis-saved "
                    "adapter?)")
     err = _error(capsys, *base, *local, "--out", tmp_path / "f", "--adapter", f"f={eval_models['foreign']}")

@@ -36,6 +36,7 @@ def _write(tmp_path, text, name="q.yaml"):
 def test_em_format_is_read_unchanged(tmp_path):
     one, two = load_questions(_write(tmp_path, EM_STYLE))
     assert (one.id, one.type, one.samples_per_paraphrase, one.system) == ("q_one", FREE_FORM, 7, "You are terse.")
+    assert one.judge == "some-judge-name" and two.judge is None
     assert one.paraphrases == ("first {wording}", "second wording")
     assert one.messages("hi") == [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hi"}]
     assert two.samples_per_paraphrase == 1 and two.messages("x") == [{"role": "user", "content": "x"}]

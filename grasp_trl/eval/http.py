@@ -39,11 +39,17 @@ class ChatClient:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         target = endpoint(self.url)
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             request = urllib.request.Request(target, data=data, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())
+                    payload = response.read()
+                try:
+                    return json.loads(payload)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{self.flag} {self.url}: expected a JSON chat-completion response from "
+                                     f"{target}; found {payload[:60]!r}") from exc
             except urllib.error.HTTPError as exc:
                 retryable = exc.code == 429 or exc.code >= 500
                 detail = exc.read()[:200].decode(errors="replace").replace("\n", " ")
@@ -59,7 +65,7 @@ class ChatClient:
                     raise ConnectionError(f"{self.flag} {self.url}: cannot reach {target} ({reason}); expected an "
                                           f"OpenAI-compatible server answering POST /chat/completions") from exc
                 time.sleep(self.retry_wait * 2 ** attempt)
-        raise AssertionError("unreachable")
+            attempt += 1
 
 
 def top_logprobs(response: dict, where: str) -> dict[str, float]:

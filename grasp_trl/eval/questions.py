@@ -38,6 +38,7 @@ class Question:
     judge_prompts: dict[str, str] = field(default_factory=dict)
     options: tuple[str, str] | None = None  # (left stance, right stance) for forced_choice
     labels: tuple[str, str] = ("A", "B")
+    judge: str | None = None  # the file's `judge` key: recorded only, the judge is named on the command line
     file: str = ""
 
     def messages(self, paraphrase: str) -> list[dict]:
@@ -86,7 +87,7 @@ def _item(raw, where: str, file: str) -> Question:
     if system is not None and not isinstance(system, str):
         raise ValueError(f"{where}: expected `system` a string; found {type(system).__name__}")
     common = dict(id=str(raw["id"]), type=kind, paraphrases=tuple(paraphrases), samples_per_paraphrase=samples,
-                  system=system, file=file)
+                  system=system, judge=None if raw.get("judge") is None else str(raw["judge"]), file=file)
     if kind == FREE_FORM:
         prompts = raw.get("judge_prompts")
         if not isinstance(prompts, dict) or not prompts:

@@ -278,6 +278,9 @@ def run_eval(config) -> dict | None:
             "top_p": config.top_p, "max_tokens": config.max_tokens, "samples": config.samples, "seed": config.seed},
         "answers_from": str(Path(config.judge_only).resolve()) if config.judge_only else None,
     }
+    if saved is not None:  # the re-scored answers' generation settings, from their run's summary
+        source = Path(config.judge_only).parent / "summary.json"
+        summary["generation"] = json.loads(source.read_text()).get("generation") if source.is_file() else None
     write_reports(out, summary, rows)
     return summary
 
