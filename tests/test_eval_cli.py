@@ -96,6 +96,8 @@ def test_end_to_end_resume_and_judge_only(eval_models, questions, tmp_path, monk
         shutil.copytree(out, crashed)
         lines = (crashed / "answers.jsonl").read_text().splitlines(keepends=True)
         (crashed / "answers.jsonl").write_text("".join(lines[:7]) + lines[7][:40])
+        with open(crashed / "judge_cache.jsonl", "a") as cache:
+            cache.write('{"key": "torn')
         (crashed / "summary.json").unlink()
         assert _eval(*_common(eval_models, questions, crashed), *judge, "--resume") == 0
         resumed = json.loads((crashed / "summary.json").read_text())
@@ -120,8 +122,9 @@ def test_end_to_end_resume_and_judge_only(eval_models, questions, tmp_path, monk
         assert _eval("--judge-only", out / "answers.jsonl", "--out", tmp_path / "dry", *judge, "--dry-run") == 0
         assert capsys.readouterr().out.startswith("grasp eval --dry-run: 3 questions, saved model(s): 0 generations, "
                                                   "36 judge calls, 12 forced-choice scorings")
-    assert (out / "comparison.md").read_text().startswith(f"judge: judge-m (at {server.url}), method "
-                                                          f"first_token_top20; EM rule strict")
+    comparison = (out / "comparison.md").read_text()
+    assert comparison.startswith(f"judge: judge-m (at {server.url}), method first_token_top20; EM rule strict")
+    assert "| question | base | a | b |" in comparison and "| open_two |" in comparison
 
 
 def test_figures_show_rates_whiskers_questions_and_thresholds():

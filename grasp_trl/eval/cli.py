@@ -20,10 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", help=meta["help"])
         elif meta.get("repeat"):
-            parser.add_argument(flag, action="append", help=meta["help"])
+            parser.add_argument(flag, action="append", metavar=meta.get("metavar"), help=meta["help"])
         else:
             kind = {"int": int, "int | None": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=f.default, choices=meta.get("choices"), help=meta["help"])
+            parser.add_argument(flag, type=kind, default=f.default, choices=meta.get("choices"),
+                                metavar=meta.get("metavar"), help=meta["help"])
     return parser
 
 

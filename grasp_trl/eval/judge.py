@@ -41,9 +41,11 @@ class JudgeCache:
         self.lock = threading.Lock()
         if self.path and self.path.is_file():
             for line in self.path.read_text().splitlines():
-                if line.strip():
+                try:
                     entry = json.loads(line)
-                    self.entries[entry["key"]] = entry["probs"]
+                except json.JSONDecodeError:  # a torn line from a crash: that judgement is asked again
+                    continue
+                self.entries[entry["key"]] = entry["probs"]
 
     def key(self, prompt: str) -> str:
         return hashlib.sha256((self.prefix + prompt).encode()).hexdigest()

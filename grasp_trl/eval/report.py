@@ -50,6 +50,13 @@ def comparison_markdown(summary: dict) -> str:
             _num(m.get("lean_diff"), m.get("lean_diff_ci"), signed=True),
             _num(m["choice_lean_mean"], m["choice_lean_ci"]),
             _num(m.get("choice_lean_diff"), m.get("choice_lean_diff_ci"), signed=True)]) + " |")
+    questions = sorted({q for m in summary["models"].values() for q in m["em_by_question"]})
+    if questions:
+        names = list(summary["models"])
+        lines += ["", "EM rate per question (judged answers):", "",
+                  "| question | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {q} | " + " | ".join(_pct(summary["models"][n]["em_by_question"].get(q)) for n in names) + " |"
+                  for q in questions]
     return "\n".join(lines) + "\n"
 
 
