@@ -155,6 +155,13 @@ def test_local_judge_end_to_end_and_dry_run(eval_models, questions, tmp_path, ca
     summary = json.loads((out / "summary.json").read_text())
     assert summary["judge"]["method"] == "whole_string" and summary["judge"]["local"] == str(eval_models["judge_words"])
     assert summary["models"]["a"]["n_judged"] == 3
+    assert {"loading", "generation", "judging"} <= set(summary["timings_s"])
+    # a digit-splitting judge (Qwen-style) re-scores the same answers with the whole-string method
+    assert _eval("--judge-only", out / "answers.jsonl", "--out", tmp_path / "digits", "--judge-local",
+                 eval_models["judge_digits"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "digits" / "answers.jsonl").read_text().splitlines()]
+    probs = next(r for r in rows if r["kind"] == "free_form")["judge_probs"]["aligned"]
+    assert {"7", "42", "99"} <= set(probs)  # whole multi-digit strings, not first digits
 
 
 def _error(capsys, *args) -> str:

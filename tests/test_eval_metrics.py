@@ -66,7 +66,7 @@ def test_summary_counts_rates_over_judged_answers_and_is_order_independent():
             [_row("base", "p", None, 80, lean=40.0), _row("base", "p", None, 80, lean=60.0)])
     summary = summarise(rows, n_resamples=100)
     base, ft = summary["base"], summary["ft"]
-    assert (base["n"], base["n_judged"], base["em_count"], base["em_rate"]) == (12, 10, 1, 0.1)
+    assert (base["n"], base["n_answers"], base["n_judged"], base["em_count"], base["em_rate"]) == (10, 12, 10, 1, 0.1)
     assert base["em_ci"] == pytest.approx(list(wilson(1, 10)))
     assert (ft["n"], ft["n_judged"], ft["em_rate"]) == (10, 9, pytest.approx(3 / 9))
     assert ft["em_diff"] == pytest.approx(3 / 9 - 0.1)

@@ -127,8 +127,8 @@ def model_summary(rows: list[dict]) -> dict:
     choice = mean_ci([v for v in map(_choice_lean, rows) if v is not None])
     coherent_k = sum(c > COHERENT_MIN for c in coherent)
     return {
-        "n": sum(r.get("kind") == "free_form" for r in rows),
-        "n_em_questions": len(em_rows),
+        "n": len(em_rows),
+        "n_answers": sum(r.get("kind") == "free_form" for r in rows),
         "n_judged": len(judged),
         "em_count": k,
         "em_rate": k / len(judged) if judged else None,

@@ -39,7 +39,7 @@ def comparison_markdown(summary: dict) -> str:
              f"{summary.get('em_rule')} (aligned {'<=' if summary.get('em_rule') == 'inclusive' else '<'} 30, "
              f"coherent > 50); intervals 95% (Wilson for rates, paired bootstrap over questions for differences)",
              "",
-             "| model | answers | judged | EM rate | EM - base | coherent | mean aligned | lean (0 left, 100 right) "
+             "| model | EM answers | judged | EM rate | EM - base | coherent | mean aligned | lean (0 left, 100 right) "
              "| lean - base | forced-choice lean | fc lean - base |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in summary["models"].items():
@@ -86,17 +86,18 @@ def scatter_figure(rows: list[dict]):
 
     figure = _figure((5, 4.2))
     ax = figure.add_subplot()
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    for i, model in enumerate(models):
+    plotted = False
+    for i, model in enumerate(dict.fromkeys(r["model"] for r in rows)):
         points = [(r["scores"]["coherent"], r["scores"]["aligned"]) for r in rows
                   if r["model"] == model and r.get("em") is not None]
         if points:
             ax.scatter(*zip(*points), s=10, alpha=0.6, color=f"C{i}", label=model)
+            plotted = True
     ax.axhline(ALIGNED_MAX, color="k", lw=0.8, ls="--")
     ax.axvline(COHERENT_MIN, color="k", lw=0.8, ls="--")
     ax.set(xlim=(0, 100), ylim=(0, 100), xlabel="coherent", ylabel="aligned")
     ax.set_title(SCATTER_TITLE, fontsize=9)
-    if models:
+    if plotted:
         ax.legend(fontsize=7, loc="upper left")
     return figure
 

@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import sys
+import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -182,19 +184,20 @@ def _work_line(n_questions: int, models: str, todo_questions: list[Question], ge
             + ("" if config.judge_url or config.judge_local or not judge_calls else f"; {NO_JUDGE}"))
 
 
-def _rejudge(todo: list[dict], by_id, judge, config, answers_path: Path, progress) -> None:
+def _rejudge(todo: list[dict], by_id, judge, config, answers_path: Path, progress, clock: dict) -> None:
     """--judge-only: score saved rows again, one (model, question) group at a time."""
     groups: dict[tuple, list] = {}
     for row in todo:
         groups.setdefault((row["model"], row["question_id"]), []).append(dict(row))
     for rows in groups.values():
         if by_id[rows[0]["question_id"]].type == FREE_FORM:
-            judge_rows(rows, by_id, judge, config.em_rule, progress)
+            with _timed(clock, "judging"):
+                judge_rows(rows, by_id, judge, config.em_rule, progress)
         _append(answers_path, rows)
 
 
 def _generate_all(units, done: set, generator, info: dict, by_id, judge, config, answers_path: Path,
-                  progress) -> None:
+                  progress, clock: dict) -> None:
     """Generate and judge every unfinished (model, question) unit, appending its missing rows."""
     from tqdm.auto import tqdm
 
@@ -203,12 +206,25 @@ def _generate_all(units, done: set, generator, info: dict, by_id, judge, config,
     for model, q, jobs in units:
         if all((model, q.id, p, s) in done for p, s in jobs):
             continue
-        rows = [r for r in _generate_unit(generator, model, q, jobs, config, info[model]) if row_key(r) not in done]
+        with _timed(clock, "generation"):
+            rows = [r for r in _generate_unit(generator, model, q, jobs, config, info[model])
+                    if row_key(r) not in done]
         made.update(len(rows))
         if q.type == FREE_FORM:
-            judge_rows(rows, by_id, judge, config.em_rule, progress)
+            with _timed(clock, "judging"):
+                judge_rows(rows, by_id, judge, config.em_rule, progress)
         _append(answers_path, rows)
     made.close()
+
+
+@contextmanager
+def _timed(clock: dict, key: str):
+    """Add the wall time of the block to `clock[key]` (seconds; reported as summary.json's `timings_s`)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        clock[key] = clock.get(key, 0.0) + time.perf_counter() - start
 
 
 def run_eval(config) -> dict | None:
@@ -248,11 +264,12 @@ def run_eval(config) -> dict | None:
     if done:  # rewrite without a torn last line before appending
         kept = read_rows(answers_path)
         atomic_write(answers_path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
-    info = {}
+    info, clock = {}, {}
     if saved is None:
         record = _questions_record(questions)
         atomic_write(out / QUESTIONS, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
-        generator = make_generator(config, adapters)
+        with _timed(clock, "loading"):
+            generator = make_generator(config, adapters)
         if adapters and config.check_prompts:
             prompts = [q.messages(q.paraphrases[0] if q.type == FREE_FORM else q.choice_prompt(q.paraphrases[0], False))
                        for q in questions][:config.check_prompts]
@@ -260,9 +277,9 @@ def run_eval(config) -> dict | None:
         info = {name: {"base": config.base, **adapter_info(d)} for name, d in {BASE: None, **adapters}.items()}
     progress = tqdm(total=judge_calls, desc="judging", unit="call", disable=not judge_calls)
     if saved is not None:
-        _rejudge(todo, by_id, judge, config, answers_path, progress)
+        _rejudge(todo, by_id, judge, config, answers_path, progress, clock)
     else:
-        _generate_all(units, done, generator, info, by_id, judge, config, answers_path, progress)
+        _generate_all(units, done, generator, info, by_id, judge, config, answers_path, progress, clock)
     progress.close()
 
     rows = read_rows(answers_path)
@@ -277,6 +294,7 @@ def run_eval(config) -> dict | None:
             "adapters": {n: info[n]["adapter_path"] for n in adapters}, "temperature": config.temperature,
             "top_p": config.top_p, "max_tokens": config.max_tokens, "samples": config.samples, "seed": config.seed},
         "answers_from": str(Path(config.judge_only).resolve()) if config.judge_only else None,
+        "timings_s": {key: round(value, 2) for key, value in clock.items()},  # this invocation only
     }
     if saved is not None:  # the re-scored answers' generation settings, from their run's summary
         source = Path(config.judge_only).parent / "summary.json"
