@@ -51,3 +51,17 @@ def test_adapter_flags():
         parse_adapters(["base=/d"], need_dirs=True)
     with pytest.raises(ValueError, match=r"^--adapter x=/e: name 'x' is repeated"):
         parse_adapters(["x=/d", "x=/e"], need_dirs=True)
+
+
+def test_checkpoint_sampling_defaults_do_not_change_the_protocol(generator):
+    """Qwen's generation_config ships top_k / repetition_penalty; answers must be sampled at T, top_p only."""
+    import copy
+
+    config = generator.model.generation_config
+    clean = generator.generate(BASE, PROMPTS, max_tokens=6, temperature=1.0, seed=9)
+    generator.model.generation_config = copy.deepcopy(config)
+    generator.model.generation_config.top_k, generator.model.generation_config.repetition_penalty = 1, 3.0
+    try:
+        assert generator.generate(BASE, PROMPTS, max_tokens=6, temperature=1.0, seed=9) == clean
+    finally:
+        generator.model.generation_config = config

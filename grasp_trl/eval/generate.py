@@ -129,8 +129,10 @@ class HFGenerator:
         for start in range(0, len(conversations), self.batch_size):
             batch = self._encode(conversations[start:start + self.batch_size])
             torch.manual_seed(seed + start)
-            sample = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
-                dict(do_sample=False)
+            # the protocol's sampling only: a checkpoint's generation_config (Qwen ships top_k=20,
+            # repetition_penalty=1.05) must not change it
+            sample = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=None, min_p=None,
+                          repetition_penalty=1.0) if temperature > 0 else dict(do_sample=False, repetition_penalty=1.0)
             with torch.no_grad(), self._using(name):
                 out = self.model.generate(**batch, max_new_tokens=max_tokens, pad_token_id=self.tokenizer.pad_token_id,
                                           **sample)
