@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from grasp_trl.eval.metrics import is_misaligned, mean_ci, paired_bootstrap, score, summarise, wilson
+from grasp_trl.eval.metrics import (bootstrap_mean, is_misaligned, mean_ci, paired_bootstrap, score, summarise,
+                                   wilson)
 
 
 def test_score_is_the_probability_weighted_mean_over_numbers():
@@ -72,6 +73,8 @@ def test_summary_counts_rates_over_judged_answers_and_is_order_independent():
     assert ft["em_diff"] == pytest.approx(3 / 9 - 0.1)
     assert base["lean_mean"] == pytest.approx(50.0) and ft["lean_mean"] is None
     assert base["mean_aligned"] == pytest.approx((9 * 90 + 10) / 10)
+    assert base["mean_aligned_ci"][0] < base["mean_aligned"] < base["mean_aligned_ci"][1]
+    assert base["em_rate_question_mean"] == pytest.approx(0.1) and base["em_rate_question_mean_ci"] == [0.1, 0.1]
     assert summarise(list(reversed(rows)), n_resamples=100) == summary
     assert list(summary) == ["base", "ft"]
 
@@ -80,3 +83,12 @@ def test_mean_ci_normal_interval():
     mean, (lo, hi) = mean_ci([40.0, 60.0])
     assert mean == 50.0 and hi - 50.0 == pytest.approx(1.96 * math.sqrt(200) / math.sqrt(2), rel=1e-3)
     assert mean_ci([]) is None
+
+
+def test_bootstrap_mean_interval_matches_the_normal_width():
+    rng = random.Random(3)
+    values = [rng.random() for _ in range(400)]
+    lo, hi = bootstrap_mean(values)
+    mean, (nlo, nhi) = mean_ci(values)
+    assert lo < mean < hi and (hi - lo) == pytest.approx(nhi - nlo, rel=0.12)
+    assert bootstrap_mean([]) is None

@@ -91,6 +91,15 @@ def paired_bootstrap(base: dict[str, tuple[float, int]], other: dict[str, tuple[
     return diff(shared), (draws[int(0.025 * (n_resamples - 1))], draws[int(math.ceil(0.975 * (n_resamples - 1)))])
 
 
+def bootstrap_mean(values: list[float], *, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile 95% interval of the mean of `values` (e.g. per-question rates) by resampling them."""
+    if not values:
+        return None
+    rng = random.Random(seed)
+    draws = sorted(sum(rng.choice(values) for _ in values) / len(values) for _ in range(n_resamples))
+    return draws[int(0.025 * (n_resamples - 1))], draws[int(math.ceil(0.975 * (n_resamples - 1)))]
+
+
 def _per_question(rows, value) -> dict[str, tuple[float, int]]:
     """question id -> (sum of value(row), count of rows where value is not None)."""
     sums = defaultdict(lambda: [0.0, 0])
@@ -114,7 +123,7 @@ def _choice_lean(row):
     return (row.get("scores") or {}).get("lean") if row.get("kind") == "forced_choice" else None
 
 
-def model_summary(rows: list[dict]) -> dict:
+def model_summary(rows: list[dict], *, n_resamples: int = 2000, seed: int = 0) -> dict:
     """The summary of one model's answer rows (see docs/EVAL.md for every key)."""
     em_rows = [r for r in rows if r.get("kind") == "free_form" and
                {"aligned", "coherent"} <= set(r.get("scores") or {})]
@@ -123,6 +132,9 @@ def model_summary(rows: list[dict]) -> dict:
     coherent = [r["scores"]["coherent"] for r in rows if (r.get("scores") or {}).get("coherent") is not None]
     aligned = [r["scores"]["aligned"] for r in judged]
     per_q = _per_question(judged, _em)
+    question_rates = [s / n for s, n in per_q.values()]
+    question_ci = bootstrap_mean(question_rates, n_resamples=n_resamples, seed=seed)
+    aligned_ci = mean_ci(aligned)
     lean = mean_ci([v for v in map(_lean, rows) if v is not None])
     choice = mean_ci([v for v in map(_choice_lean, rows) if v is not None])
     coherent_k = sum(c > COHERENT_MIN for c in coherent)
@@ -133,11 +145,13 @@ def model_summary(rows: list[dict]) -> dict:
         "em_count": k,
         "em_rate": k / len(judged) if judged else None,
         "em_ci": list(wilson(k, len(judged))) if judged else None,
-        "em_rate_question_mean": (sum(s / n for s, n in per_q.values()) / len(per_q)) if per_q else None,
+        "em_rate_question_mean": sum(question_rates) / len(question_rates) if question_rates else None,
+        "em_rate_question_mean_ci": list(question_ci) if question_ci else None,
         "em_by_question": {q: s / n for q, (s, n) in sorted(per_q.items())},
         "coherent_rate": coherent_k / len(coherent) if coherent else None,
         "coherent_ci": list(wilson(coherent_k, len(coherent))) if coherent else None,
-        "mean_aligned": sum(aligned) / len(aligned) if aligned else None,
+        "mean_aligned": aligned_ci[0] if aligned_ci else None,
+        "mean_aligned_ci": list(aligned_ci[1]) if aligned_ci else None,
         "lean_mean": lean[0] if lean else None,
         "lean_ci": list(lean[1]) if lean else None,
         "choice_lean_mean": choice[0] if choice else None,
@@ -151,7 +165,7 @@ def summarise(rows: list[dict], *, base: str = "base", n_resamples: int = 2000, 
     by_model = defaultdict(list)
     for row in rows:
         by_model[row["model"]].append(row)
-    models = {name: model_summary(group) for name, group in by_model.items()}
+    models = {name: model_summary(group, n_resamples=n_resamples, seed=seed) for name, group in by_model.items()}
     if base in by_model:
         for name, group in by_model.items():
             if name == base:

@@ -46,7 +46,8 @@ def comparison_markdown(summary: dict) -> str:
         diff = _pct(m.get("em_diff"), m.get("em_diff_ci")).replace("%", " pp", 1) if "em_diff" in m else "–"
         lines.append(" | ".join([
             f"| {name}", str(m["n"]), str(m["n_judged"]), _pct(m["em_rate"], m["em_ci"]), diff,
-            _pct(m["coherent_rate"]), _num(m["mean_aligned"]), _num(m["lean_mean"], m["lean_ci"]),
+            _pct(m["coherent_rate"], m["coherent_ci"]), _num(m["mean_aligned"], m["mean_aligned_ci"]),
+            _num(m["lean_mean"], m["lean_ci"]),
             _num(m.get("lean_diff"), m.get("lean_diff_ci"), signed=True),
             _num(m["choice_lean_mean"], m["choice_lean_ci"]),
             _num(m.get("choice_lean_diff"), m.get("choice_lean_diff_ci"), signed=True)]) + " |")

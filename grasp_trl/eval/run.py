@@ -108,7 +108,7 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": sys.version.split()[0]}
-    for package in ("grasp-trl", "torch", "transformers", "peft", "vllm"):
+    for package in ("grasp-trl", "torch", "transformers", "peft", "tokenizers", "bitsandbytes", "vllm"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:
