@@ -104,6 +104,9 @@ def test_end_to_end_resume_and_judge_only(eval_models, questions, tmp_path, monk
         assert resumed["models"] == summary["models"]
         assert len(server.requests) == judged_once + 1  # the probe only
         assert len((crashed / "answers.jsonl").read_text().splitlines()) == len(rows)
+        assert _eval(*_common(eval_models, questions, crashed), *judge, "--resume") == 0  # nothing left to do
+        again = json.loads((crashed / "summary.json").read_text())
+        assert again["models"] == summary["models"] and "loading" not in again["timings_s"]
 
         # resuming with another judge would mix judges in one file: refused
         with ChatServer(scripted_judge(judge_script)) as other:

@@ -19,6 +19,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Protocol
 
 BASE = "base"
 
@@ -36,6 +37,17 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.encode(chat_text(tokenizer, messages), add_special_tokens=False)
     return tokenizer.encode(chat_text(tokenizer, messages))
+
+
+class Generator(Protocol):
+    """What the pipeline needs from a backend; `name` is `base` or an adapter name."""
+
+    def generate(self, name: str, conversations: list[list[dict]], *, max_tokens: int, temperature: float,
+                 top_p: float = 1.0, seed: int = 0) -> list[str]:
+        """One answer per conversation (greedy at temperature 0), reproducible for a seed."""
+
+    def label_probs(self, name: str, messages: list[dict], labels) -> dict[str, float] | None:
+        """The next-token probabilities of the option labels after `messages`, normalised over the labels."""
 
 
 def parse_adapters(specs: list[str], *, need_dirs: bool) -> dict[str, str | None]:
@@ -250,7 +262,8 @@ class VLLMGenerator:
         return _normalised(probs, labels)
 
 
-def check_adapters(generator, names: list[str], conversations: list[list[dict]], *, max_tokens: int = 16) -> None:
+def check_adapters(generator: Generator, names: list[str], conversations: list[list[dict]], *,
+                   max_tokens: int = 16) -> None:
     """Refuse (one line) an adapter whose greedy answers to `conversations` are identical to the base's."""
     reference = generator.generate(BASE, conversations, max_tokens=max_tokens, temperature=0.0)
     for name in names:

@@ -184,6 +184,18 @@ def _work_line(n_questions: int, models: str, todo_questions: list[Question], ge
             + ("" if config.judge_url or config.judge_local or not judge_calls else f"; {NO_JUDGE}"))
 
 
+def _bar(judge_calls: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=judge_calls, desc="judging", unit="call", disable=not judge_calls)
+
+
+def _check_conversations(questions: list[Question], n: int) -> list[list[dict]]:
+    """The first paraphrase of the first `n` questions, as sent to the model (for the no-op adapter check)."""
+    return [q.messages(q.paraphrases[0] if q.type == FREE_FORM else q.choice_prompt(q.paraphrases[0], False))
+            for q in questions[:n]]
+
+
 def _rejudge(todo: list[dict], by_id, judge, config, answers_path: Path, progress, clock: dict) -> None:
     """--judge-only: score saved rows again, one (model, question) group at a time."""
     groups: dict[tuple, list] = {}
@@ -194,6 +206,7 @@ def _rejudge(todo: list[dict], by_id, judge, config, answers_path: Path, progres
             with _timed(clock, "judging"):
                 judge_rows(rows, by_id, judge, config.em_rule, progress)
         _append(answers_path, rows)
+    progress.close()
 
 
 def _generate_all(units, done: set, generator, info: dict, by_id, judge, config, answers_path: Path,
@@ -215,6 +228,7 @@ def _generate_all(units, done: set, generator, info: dict, by_id, judge, config,
                 judge_rows(rows, by_id, judge, config.em_rule, progress)
         _append(answers_path, rows)
     made.close()
+    progress.close()
 
 
 @contextmanager
@@ -229,8 +243,6 @@ def _timed(clock: dict, key: str):
 
 def run_eval(config) -> dict | None:
     """Run `grasp eval` as configured; returns summary.json's content (None for --dry-run)."""
-    from tqdm.auto import tqdm
-
     from .judge import judge_from
     from .report import write_reports
 
@@ -265,22 +277,18 @@ def run_eval(config) -> dict | None:
         kept = read_rows(answers_path)
         atomic_write(answers_path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
     info, clock = {}, {}
-    if saved is None:
+    if saved is not None:
+        _rejudge(todo, by_id, judge, config, answers_path, _bar(judge_calls), clock)
+    else:
         record = _questions_record(questions)
         atomic_write(out / QUESTIONS, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
-        with _timed(clock, "loading"):
-            generator = make_generator(config, adapters)
-        if adapters and config.check_prompts:
-            prompts = [q.messages(q.paraphrases[0] if q.type == FREE_FORM else q.choice_prompt(q.paraphrases[0], False))
-                       for q in questions][:config.check_prompts]
-            check_adapters(generator, list(adapters), prompts)
         info = {name: {"base": config.base, **adapter_info(d)} for name, d in {BASE: None, **adapters}.items()}
-    progress = tqdm(total=judge_calls, desc="judging", unit="call", disable=not judge_calls)
-    if saved is not None:
-        _rejudge(todo, by_id, judge, config, answers_path, progress, clock)
-    else:
-        _generate_all(units, done, generator, info, by_id, judge, config, answers_path, progress, clock)
-    progress.close()
+        if todo_questions:  # (a finished --resume only rewrites the reports)
+            with _timed(clock, "loading"):
+                generator = make_generator(config, adapters)
+            if adapters and config.check_prompts:
+                check_adapters(generator, list(adapters), _check_conversations(questions, config.check_prompts))
+            _generate_all(units, done, generator, info, by_id, judge, config, answers_path, _bar(judge_calls), clock)
 
     rows = read_rows(answers_path)
     summary = {
