@@ -141,8 +141,8 @@ class HFGenerator:
         for start in range(0, len(conversations), self.batch_size):
             batch = self._encode(conversations[start:start + self.batch_size])
             torch.manual_seed(seed + start)
-            # the protocol's sampling only: a checkpoint's generation_config (Qwen ships top_k=20,
-            # repetition_penalty=1.05) must not change it
+            # the protocol's sampling only: the generation_config (transformers' default top_k=50; Qwen ships
+            # top_k=20, repetition_penalty=1.05) must not change it
             sample = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=None, min_p=None,
                           repetition_penalty=1.0) if temperature > 0 else dict(do_sample=False, repetition_penalty=1.0)
             with torch.no_grad(), self._using(name):
