@@ -39,6 +39,8 @@ class ChatServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = 10  # a stuck client cannot hold a handler thread for long
+
             def log_message(self, *args):
                 pass
 
