@@ -79,3 +79,17 @@ def grasp_check(config: Path) -> None:
               else f"identify after {args.grasp_identify_steps} naive steps")
     click.echo(f"{config}: GRASP on: {source}; {args.grasp_projection} projection, k={args.grasp_num_directions}, "
                f"{args.grasp_scope}")
+
+
+@click.command("grasp-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                               "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def grasp_eval(args: tuple[str, ...]) -> None:
+    """Emergent misalignment / political lean of a base model and its adapters (the flags of `grasp eval`;
+    `axolotl grasp-eval --help` lists them)."""
+    from grasp_trl.eval.cli import main
+
+    try:
+        main(list(args), prog="axolotl grasp-eval")
+    except (ValueError, OSError, ImportError) as exc:  # ConnectionError is an OSError
+        raise click.ClickException(str(exc)) from exc

@@ -1,4 +1,4 @@
-"""The `grasp` console script: identify, inspect, probe, import, sft, dpo, demo.
+"""The `grasp` console script: identify, inspect, probe, import, sft, dpo, demo, eval.
 
 Every error path prints one line naming what is wrong and exits with status 2; `--debug` shows the traceback.
 """
@@ -180,6 +180,12 @@ def _train(kind):
     return run
 
 
+def _eval(args) -> None:
+    from .eval.cli import config_from, run
+
+    run(config_from(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import GraspArguments
 
@@ -245,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="GRASP on the model organism: base vs naive vs GRASP, table + plot")
     demo.add_argument("--output-dir", default="outputs/demo")
     demo.set_defaults(run=_demo)
+
+    from .eval.cli import DESCRIPTION, add_arguments
+
+    evaluate = commands.add_parser("eval", description=DESCRIPTION, help="emergent misalignment / political lean of "
+                                   "base and adapters with a named judge (docs/EVAL.md)")
+    add_arguments(evaluate).set_defaults(run=_eval)
 
     for kind in ("sft", "dpo"):
         train = commands.add_parser(kind, help=f"TRL {kind.upper()} with GRASP: grasp {kind} CONFIG.yaml [--flags]",
