@@ -76,7 +76,8 @@ def grasp_check(config: Path) -> None:
         click.echo(f"{config}: GRASP is off (no `grasp: true`)")
         return
     source = (f"direction file {args.grasp_directions}" if args.grasp_directions
-              else f"identify after {args.grasp_identify_steps} naive steps")
+              else "identify when the stopping rule fires (grasp_identify_steps: auto)"
+              if args.grasp_identify_steps == "auto" else f"identify after {args.grasp_identify_steps} naive steps")
     click.echo(f"{config}: GRASP on: {source}; {args.grasp_projection} projection, k={args.grasp_num_directions}, "
                f"{args.grasp_scope}")
 

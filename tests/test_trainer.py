@@ -260,9 +260,15 @@ def test_bad_input_fails_before_training(base, directions_file, tmp_path):
         run("sft", base, tmp_path, train=False, grasp_directions=str(other_model))
     with pytest.raises(ValueError, match="grasp_sides: expected one of write, read, both; found 'wrte'"):
         GraspSFTConfig(output_dir=str(tmp_path), grasp_sides="wrte")
-    for steps in (0, -3):
-        with pytest.raises(ValueError, match="grasp_identify_steps: expected a positive number of steps"):
+    for steps in (0, -3, "autoo", True):
+        with pytest.raises(ValueError, match="grasp_identify_steps: expected a positive number of steps or 'auto'"):
             GraspSFTConfig(output_dir=str(tmp_path), grasp_identify_steps=steps)
+    assert GraspSFTConfig(output_dir=str(tmp_path), grasp_identify_steps="40", use_cpu=True, bf16=False
+                          ).grasp_identify_steps == 40  # as a command line gives it
+    with pytest.raises(ValueError, match="grasp_identify_max_steps: only meaningful with grasp_identify_steps: auto"):
+        GraspSFTConfig(output_dir=str(tmp_path), grasp_identify_steps=40, grasp_identify_max_steps=80)
+    with pytest.raises(ValueError, match="grasp_identify_every: expected a positive number of steps; found 0"):
+        GraspSFTConfig(output_dir=str(tmp_path), grasp_identify_steps="auto", grasp_identify_every=0)
     with pytest.raises(ValueError, match="grasp_target_modules: expected a JSON object"):
         GraspSFTConfig(output_dir=str(tmp_path), grasp_target_modules="{not json")
     with pytest.raises(DirectionFileError, match=r"grasp_layers: \[5\] out of range"):

@@ -20,7 +20,8 @@ ORACLES = [f"oracle-{mode}" for mode in ("activations", "weights", "both", "clam
 BASELINES = ["caft-identified", "caft-identified-auto", "posthoc", "kl-base"]
 PRESETS = {
     "controls": CONTROLS,
-    "core": CONTROLS + ["grasp-default"] + BASELINES,
+    "core": CONTROLS + ["grasp-default", "grasp-both-global-k1", "grasp-clamp-global-k1-auto", "oracle-both"]
+    + BASELINES,
     "full": ["base"] + CONTROLS + ["grasp-default"] + GRASP_MODES + ["grasp-both-global-k2",
                                                                      "grasp-both-per_layer-k2-auto"]
     + ORACLES + BASELINES + ["steer-prevent", "steer-inference", "undertrained-naive"],

@@ -3,7 +3,8 @@
 * `oracle-{mode}`: GRASP (any `grasp_projection`, clamp included) with the supervised persona direction, k=1
   per layer, instead of identified ones: the ceiling of each mechanism with perfect identification.
 * `caft-identified-auto`: CAFT with the directions GRASP's default identification finds (the same step-`auto`
-  snapshot, global, k of the defaults): GRASP's mechanism against CAFT's on the same directions.
+  snapshot, global, k of the defaults): GRASP's mechanism against CAFT's on the same directions;
+  `caft-{scope}-k{K}-{auto|at{S}}` the same for any identification.
 * `steer-prevent`: preventative steering — the supervised persona vector added to the middle block's output
   during training, so the adapter need not write it.
 * `steer-inference`: the naive adapter with the persona vector subtracted from the middle block at inference.
@@ -51,8 +52,18 @@ def _oracle(lab, seed, match):
 @register("caft-identified-auto")
 def _caft_auto(lab, seed):
     args = GraspArguments()
-    step = lab.naive(seed).stop_step
-    directions = lab.identified(seed, k=args.grasp_num_directions, scope=args.grasp_scope, step=step)
+    return _caft_at(lab, seed, args.grasp_num_directions, args.grasp_scope, lab.naive(seed).stop_step)
+
+
+@register_pattern(r"caft-(global|per_layer)-k([1-9])-(auto|at\d+)", "caft-{global|per_layer}-k{1..9}-{auto|at{STEP}}")
+def _caft_variant(lab, seed, match):
+    when = match.group(3)
+    step = lab.naive(seed).stop_step if when == "auto" else int(when[2:])
+    return _caft_at(lab, seed, int(match.group(2)), match.group(1), step)
+
+
+def _caft_at(lab, seed, k, scope, step):
+    directions = lab.identified(seed, k=k, scope=scope, step=step)
     return lab.finetune(seed, train_edit=ablate(directions)), {
         "identification": identification(directions, lab.persona), "stage1_steps": step}
 
