@@ -1,6 +1,6 @@
 """`GraspPlugin`: GRASP for `axolotl train` with two YAML lines.
 
-    plugins:
+    plugins:             # Axolotl 0.19; Axolotl >= 0.21 loads the plugin from its entry point (pyproject.toml)
       - axolotl_plugin.GraspPlugin
     grasp: true          # plus grasp_directions or grasp_identify_steps (see README.md)
 

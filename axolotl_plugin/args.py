@@ -29,8 +29,9 @@ class _GraspSwitch(BaseModel):
     """`grasp: true` and the checks that span several keys (the per-key checks are `validate_grasp_fields`)."""
 
     grasp: bool | None = Field(default=None, description=(
-        "Turn GRASP on. Needs `plugins: [axolotl_plugin.GraspPlugin]` in the same YAML: without it Axolotl "
-        "drops this key silently and trains without GRASP."))
+        "Turn GRASP on. On Axolotl 0.19 it needs `plugins: [axolotl_plugin.GraspPlugin]` in the same YAML: "
+        "without it Axolotl drops this key silently and trains without GRASP. Axolotl >= 0.21 loads the plugin "
+        "from its entry point without that line."))
 
     @model_validator(mode="after")
     def check_grasp_keys(self):

@@ -47,12 +47,23 @@ def grasp_identify(config: Path, adapter_dir: Path | None) -> None:
 PLUGIN = "axolotl_plugin.GraspPlugin"
 
 
+def loaded_without_plugins_line() -> bool:
+    """Whether the installed Axolotl loads GraspPlugin in every run: Axolotl >= 0.21 loads the plugins of the
+    `axolotl.plugins` entry point group (grasp-trl registers GraspPlugin there); 0.19 only those a YAML lists."""
+    try:
+        from axolotl.integrations.base import get_builtin_plugins
+    except ImportError:
+        return False
+    return PLUGIN in get_builtin_plugins()
+
+
 def plugin_problem(raw: dict) -> str | None:
     """Why Axolotl would ignore the `grasp*` keys of a parsed YAML config (None when it would not)."""
     keys = sorted(key for key in raw if key == "grasp" or key.startswith("grasp_"))
-    if keys and PLUGIN not in (raw.get("plugins") or []):
+    if keys and PLUGIN not in (raw.get("plugins") or []) and not loaded_without_plugins_line():
         return (f"{', '.join(keys)} set but `plugins:` does not list {PLUGIN}: Axolotl drops these keys without "
-                f"a word and trains WITHOUT GRASP. Add:\nplugins:\n  - {PLUGIN}")
+                f"a word and trains WITHOUT GRASP (Axolotl < 0.21 loads only listed plugins). Add:\nplugins:\n"
+                f"  - {PLUGIN}")
     return None
 
 

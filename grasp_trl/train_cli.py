@@ -10,18 +10,35 @@ from __future__ import annotations
 from typing import Sequence
 
 
+def make_parser(kind: str):
+    """The `TrlParser` of `grasp KIND` (script, training, model and dataset arguments), which also takes
+    `gradient_checkpointing*` and `activation_checkpointing*` alike (transformers 5.24 renamed them; the
+    installed release's names are used)."""
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+    from .compat import checkpointing_names
+    from .trainer import GraspDPOConfig, GraspSFTConfig
+
+    class Parser(TrlParser):
+        def set_defaults_with_config(self, **config):
+            return super().set_defaults_with_config(**checkpointing_names(config))
+
+    config_cls = {"sft": GraspSFTConfig, "dpo": GraspDPOConfig}[kind]
+    return Parser((ScriptArguments, config_cls, ModelConfig, DatasetMixtureConfig), prog=f"grasp {kind}")
+
+
 def run_training(kind: str, argv: Sequence[str]) -> None:
     from datasets import load_dataset
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser, get_dataset
-    from trl import get_peft_config, get_quantization_config
+    from trl import get_dataset, get_peft_config, get_quantization_config
 
-    from .trainer import GraspDPOConfig, GraspDPOTrainer, GraspSFTConfig, GraspSFTTrainer
+    from .compat import checkpointing_flags
+    from .trainer import GraspDPOTrainer, GraspSFTTrainer
 
-    config_cls, trainer_cls = {"sft": (GraspSFTConfig, GraspSFTTrainer), "dpo": (GraspDPOConfig, GraspDPOTrainer)}[kind]
-    argv = list(argv)
+    trainer_cls = {"sft": GraspSFTTrainer, "dpo": GraspDPOTrainer}[kind]
+    argv = checkpointing_flags(list(argv))
     if argv and not argv[0].startswith("-"):
         argv = ["--config", argv[0], *argv[1:]]
-    parser = TrlParser((ScriptArguments, config_cls, ModelConfig, DatasetMixtureConfig), prog=f"grasp {kind}")
+    parser = make_parser(kind)
     script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(argv)
     training_args.model_init_kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype,
                                        "trust_remote_code": training_args.trust_remote_code,

@@ -7,6 +7,7 @@ in-process state: for every constrained writer ||U^T dW|| <= 1e-6 ||dW||, for ev
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import json
@@ -20,18 +21,38 @@ import pytest
 import torch
 import yaml
 
-from axolotl_fixtures import (AXOLOTL, assert_invariant, cpu_config, lora_moved, run_axolotl, saved_leakage,
-                              write_data)
-from conftest import lora_model, random_directions, randomise_lora_b
-from grasp_trl.config import DIRECTIONS_FILENAME, STAGE1_DIRNAME, GraspArguments, grasp_field_names
-from grasp_trl.directions import DirectionSet, sha256_of
-from grasp_trl.tiny import save_tiny_model
+# The CI leg `newest` has no Axolotl (tools/legs.sh): everything here needs it.
+axolotl = pytest.importorskip("axolotl", reason="Axolotl is not installed (pip install 'grasp-trl[axolotl]')")
+
+from packaging.version import Version  # noqa: E402
+
+from axolotl_fixtures import (AXOLOTL, assert_invariant, cpu_config, lora_moved, run_axolotl,  # noqa: E402
+                              saved_leakage, write_data)
+from axolotl_plugin.cli import loaded_without_plugins_line  # noqa: E402
+from conftest import lora_model, random_directions, randomise_lora_b  # noqa: E402
+from grasp_trl.config import DIRECTIONS_FILENAME, STAGE1_DIRNAME, GraspArguments, grasp_field_names  # noqa: E402
+from grasp_trl.directions import DirectionSet, sha256_of  # noqa: E402
+from grasp_trl.tiny import save_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes" / "axolotl").glob("*.yaml"))
 HIDDEN, LAYERS = 32, 2
 # What `axolotl train` would detect on a CUDA GPU, so that bf16 recipes validate on this CPU box.
 GPU = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_90"}
+# Axolotl >= 0.21 loads GraspPlugin through the `axolotl.plugins` entry point (pyproject.toml) in every run, so
+# `grasp: true` works without a `plugins:` line; 0.19 loads only listed plugins and drops the keys.
+ENTRY_POINT = Version(axolotl.__version__) >= Version("0.21")
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugin_registry(monkeypatch):
+    """Each test starts with an empty Axolotl plugin registry. It is a process-wide singleton, and Axolotl 0.21
+    merges the settings of every plugin registered in the process into the config schema during validation
+    (0.19 only those of the listed plugins), so what one test registered would change what the next validates."""
+    from axolotl.integrations.base import PluginManager
+
+    monkeypatch.setattr(PluginManager, "_instance", None)
+    monkeypatch.setattr(PluginManager, "plugins", collections.OrderedDict())
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +96,18 @@ def test_grasp_keys_survive_axolotl_validation_with_the_plugin(workspace):
     assert validated["grasp_num_directions"] == GraspArguments.grasp_num_directions
 
 
-def test_without_the_plugins_line_axolotl_drops_grasp_silently(workspace):
-    """The fact the README warns about: no `plugins:` entry, and `grasp: true` is gone without an error."""
+def test_without_the_plugins_line_only_axolotl_0_19_drops_grasp(workspace):
+    """No `plugins:` entry: Axolotl 0.19 drops `grasp: true` without an error (the fact the README warns about);
+    Axolotl 0.21 has loaded the plugin from its entry point and keeps every key."""
+    assert loaded_without_plugins_line() is ENTRY_POINT, "is grasp-trl installed (pip install -e .)?"
     cfg = cpu_config(workspace["model"], workspace["data"], workspace["root"] / "v",
                      grasp_directions=str(workspace["directions"]))
     del cfg["plugins"]
     validated = validate(cfg)
-    assert not any(key.startswith("grasp") for key in validated)
+    if ENTRY_POINT:
+        assert validated["grasp"] is True and validated["grasp_directions"] == str(workspace["directions"])
+    else:
+        assert not any(key.startswith("grasp") for key in validated)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -165,7 +191,7 @@ def test_readme_documents_every_key():
     assert not missing, f"axolotl_plugin/README.md lacks rows for {missing}"
 
 
-def test_grasp_check_catches_a_missing_plugins_line_and_bad_values(tmp_path):
+def test_grasp_check_catches_a_missing_plugins_line_on_0_19_and_bad_values(tmp_path):
     from click.testing import CliRunner
 
     from axolotl_plugin.cli import grasp_check
@@ -177,7 +203,10 @@ def test_grasp_check_catches_a_missing_plugins_line_and_bad_values(tmp_path):
 
     plugin = {"plugins": ["axolotl_plugin.GraspPlugin"]}
     result = check({"grasp": True, "grasp_identify_steps": 5})
-    assert result.exit_code == 1 and "trains WITHOUT GRASP" in result.output, result.output
+    if ENTRY_POINT:  # the plugin loads without the line
+        assert result.exit_code == 0 and "GRASP on: identify after 5 naive steps" in result.output, result.output
+    else:
+        assert result.exit_code == 1 and "trains WITHOUT GRASP" in result.output, result.output
     result = check({**plugin, "grasp": True, "grasp_identify_steps": 5, "grasp_sides": "writers"})
     assert result.exit_code == 1 and "grasp_sides: expected one of write, read, both; found 'writers'" in result.output
     result = check({**plugin, "grasp": True, "grasp_identify_steps": 5})
@@ -242,6 +271,26 @@ def test_axolotl_sft_lora_with_direction_file(workspace):
     _check_run(proc, out)
     assert sha256_of(out / DIRECTIONS_FILENAME) == sha256_of(workspace["directions"])
     assert "grasp/leakage" in proc.stdout + proc.stderr
+
+
+@pytest.mark.axolotl
+@pytest.mark.slow
+def test_axolotl_sft_without_the_plugins_line(workspace):
+    """`grasp: true` alone: GRASP through the entry point on Axolotl 0.21; on 0.19 a plain LoRA that exits 0 and
+    leaves no direction file (what `axolotl grasp-check` warns about there)."""
+    out = workspace["root"] / "sft-no-plugins-line"
+    cfg = cpu_config(workspace["model"], workspace["data"], out, grasp_directions=str(workspace["directions"]))
+    del cfg["plugins"]
+    proc, seconds = run_axolotl(cfg, workspace["root"] / "w-sft-no-plugins-line", "--launcher", "python")
+    print(f"axolotl train (sft, no plugins line, Axolotl {axolotl.__version__}): {seconds:.1f} s")
+    log = proc.stdout + proc.stderr
+    if ENTRY_POINT:
+        _check_run(proc, out)
+        assert "GRASP installed on GraspAxolotlTrainer" in log
+    else:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+        assert lora_moved(out) > 1e-4 and not (out / DIRECTIONS_FILENAME).exists()
+        assert "GRASP installed" not in log
 
 
 @pytest.mark.axolotl

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import SEVEN_MODULES, lora_model, random_directions, randomise_lora_b
+from grasp_trl.compat import enable_checkpointing
 from grasp_trl.modules import decoder_blocks
 from grasp_trl.projection import GradientProjector
 from grasp_trl.tiny import build_model
@@ -52,8 +53,7 @@ def loss_through_projection(model, outputs, directions, layer, batch):
 def test_activation_projection_zeroes_gradients_of_a_loss_along_u(kind, checkpointing, tiny_batch):
     model = make_model(kind)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-            "use_reentrant": checkpointing == "reentrant"})
+        enable_checkpointing(model, use_reentrant=checkpointing == "reentrant")
         if kind == "lora":
             model.enable_input_require_grads()
     model.train()
@@ -82,8 +82,7 @@ def test_activation_projection_zeroes_gradients_of_a_loss_along_u(kind, checkpoi
 def test_gradient_leaving_each_residual_has_no_component_along_u(checkpointing, tiny_batch):
     model = make_model("lora")
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-            "use_reentrant": checkpointing == "reentrant"})
+        enable_checkpointing(model, use_reentrant=checkpointing == "reentrant")
         model.enable_input_require_grads()
     model.train()
     directions = random_directions(32, 3, k=2, seed=2)

@@ -15,17 +15,33 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "trl"
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
 def test_recipe_parses_with_every_key_known(kind):
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+    from grasp_trl.compat import CHECKPOINTING
+    from grasp_trl.train_cli import make_parser
 
-    from grasp_trl.trainer import GraspDPOConfig, GraspSFTConfig
-
-    config_cls = {"sft": GraspSFTConfig, "dpo": GraspDPOConfig}[kind]
     recipe = RECIPES / f"{kind}.yaml"
     assert recipe.read_text().startswith(f"# Launch: grasp {kind} recipes/trl/{kind}.yaml")
-    parser = TrlParser((ScriptArguments, config_cls, ModelConfig, DatasetMixtureConfig))
-    _, config, model, _ = parser.parse_args_and_config(["--config", str(recipe), "--use_cpu", "true",
-                                                         "--bf16", "false"])
+    _, config, model, _ = make_parser(kind).parse_args_and_config(["--config", str(recipe), "--use_cpu", "true",
+                                                                    "--bf16", "false"])
     assert config.grasp_enabled and config.grasp_projection == "weights" and model.use_peft
+    assert getattr(config, CHECKPOINTING) is True  # the recipe's activation_checkpointing, under either name
+
+
+@pytest.mark.parametrize("name", ["gradient_checkpointing", "activation_checkpointing"])
+def test_either_checkpointing_name_works_without_a_warning(name, tmp_path):
+    """transformers 5.24 renamed gradient_checkpointing*; `grasp sft` takes both names on every release."""
+    import warnings
+
+    from grasp_trl.compat import CHECKPOINTING
+    from grasp_trl.train_cli import make_parser
+
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(f"output_dir: {tmp_path}\n{name}: true\n{name}_kwargs: {{use_reentrant: false}}\n")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*checkpointing.*", category=FutureWarning)
+        _, config, _, _ = make_parser("sft").parse_args_and_config(["--config", str(config_file), "--use_cpu", "true",
+                                                                     "--bf16", "false"])
+    assert getattr(config, CHECKPOINTING) is True
+    assert getattr(config, f"{CHECKPOINTING}_kwargs") == {"use_reentrant": False}
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
@@ -40,7 +56,7 @@ def test_yaml_run_with_flag_overrides(kind, tmp_path):
     out = tmp_path / "out"
     flags = ["--model_name_or_path", str(base), "--dtype", "float32", "--dataset_name", str(data),
              "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "4",
-             "--learning_rate", "1e-2", "--bf16", "false", "--use_cpu", "true", "--gradient_checkpointing", "false",
+             "--learning_rate", "1e-2", "--bf16", "false", "--use_cpu", "true", "--activation_checkpointing", "false",
              "--lora_r", "4", "--lora_alpha", "8", "--save_strategy", "no", "--grasp_projection", "both",
              "--grasp_num_directions", "1"]
     if kind == "sft":

@@ -9,6 +9,7 @@ from transformers import TrainerCallback, set_seed
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from conftest import random_directions
+from grasp_trl.compat import checkpointing_args
 from grasp_trl.config import DIRECTIONS_FILENAME, STAGE1_DIRNAME
 from grasp_trl.directions import DirectionFileError, DirectionSet
 from grasp_trl.modules import decoder_blocks
@@ -105,7 +106,7 @@ MODE_CASES += [("sft", projection, True) for projection in ("activations", "weig
 @pytest.mark.parametrize("kind,projection,checkpointing", MODE_CASES)
 def test_each_mode_keeps_its_invariant_and_learns(kind, projection, checkpointing, base, directions_file, tmp_path):
     trainer = run(kind, base, tmp_path, steps=12, grasp_directions=str(directions_file), grasp_projection=projection,
-                  gradient_checkpointing=checkpointing)
+                  **checkpointing_args(checkpointing))
     history = losses(trainer)
     assert history[-1] < history[0], history
     directions = DirectionSet.load(directions_file)

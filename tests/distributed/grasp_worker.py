@@ -104,6 +104,7 @@ def train_one(spec: dict, run: dict) -> dict:
     from accelerate.state import AcceleratorState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    from grasp_trl.compat import checkpointing_args
     from grasp_trl.trainer import GraspDPOConfig, GraspDPOTrainer, GraspSFTConfig, GraspSFTTrainer
 
     out = Path(run["out_dir"]) / run["name"]
@@ -113,8 +114,8 @@ def train_one(spec: dict, run: dict) -> dict:
         gradient_accumulation_steps=run.get("grad_accum", 1), learning_rate=run.get("lr", 1e-2),
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
         save_strategy="steps" if run.get("checkpoint") else "no", save_steps=run["steps"], report_to=[], seed=0,
-        data_seed=0, bf16=run.get("bf16", False), gradient_checkpointing=run.get("gradient_checkpointing", False),
-        gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=0,
+        data_seed=0, bf16=run.get("bf16", False), dataloader_num_workers=0,
+        **checkpointing_args(run.get("gradient_checkpointing", False), use_reentrant=False),
         deepspeed=deepspeed_config(run), grasp_projection=run["projection"], disable_tqdm=True,
         # identify-then-project in the same train() call, or the shared direction file
         **({"grasp_identify_steps": run["identify_steps"], "grasp_scope": "global"} if run.get("identify_steps")
