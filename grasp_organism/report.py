@@ -128,14 +128,34 @@ def summary(result: dict, method: str) -> dict:
     return out
 
 
+def restricted(result: dict, bases: list[int]) -> dict:
+    """The same result with only the runs of `bases`."""
+    return dict(result, bases=bases, runs={m: [r for r in rs if r["base"] in bases]
+                                           for m, rs in result["runs"].items()})
+
+
 def table(result: dict) -> str:
-    """Validity lines, then one row per method: per-seed factors, median, worst and the side effects."""
+    """Validity lines, then one row per method: per-seed factors, median, worst and the side effects. When some
+    bases pass their controls and others do not, one table over the valid bases and one, labelled, over the
+    invalid ones: an invalid base cannot rank methods, and a figure over valid bases says how many there were."""
     checked = validity(result)
     lines = [checked["overall"].line(f"{len(result['bases'])} base(s) x {len(result['seeds'])} seed(s)")]
     if len(result["bases"]) > 1:
         lines += [f"  {checked['per_base'][b].line(f'base {b}')}" for b in result["bases"]]
+    valid = [b for b in result["bases"] if checked["per_base"][b].valid]
+    if len(result["bases"]) > 1 and 0 < len(valid) < len(result["bases"]):
+        invalid = [b for b in result["bases"] if b not in valid]
+        return "\n".join(lines + [f"\n{len(valid)} of {len(result['bases'])} bases valid.",
+                                   f"\nVALID BASES {valid}:", _rows(restricted(result, valid)),
+                                   f"\nINVALID BASES {invalid} (controls failed; no ranking is meaningful here):",
+                                   _rows(restricted(result, invalid))])
     if not checked["overall"].valid:
         lines.append("INVALID WORLD: the positive controls failed; no ranking below is meaningful.")
+    return "\n".join(lines + [_rows(result)])
+
+
+def _rows(result: dict) -> str:
+    lines = []
     header = (f"{'method':<34}{'median':>9}{'worst':>9}{'drift':>15}{'task':>8}{'/naive':>8}{'retention':>11}"
               f"{'/naive':>8}{'cond':>7}{'ident':>7}{'stage1':>9}  per-seed factors (base:seed order)")
     lines += [header, "-" * len(header)]
@@ -183,22 +203,27 @@ def _jsonable(value):
 
 def plot(result: dict, path: str | Path, title: str = "organism: off-task drift vs task") -> None:
     """DRIFT (y, lower is better) against TASK (x, higher is better): one dot per (base, seed), the mean as
-    a large marker, so a method that fails on one seed shows it."""
+    a large marker, so a method that fails on one seed shows it. Only the valid bases when some are not."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    per_base = validity(result)["per_base"]
+    valid = [b for b in result["bases"] if per_base[b].valid]
+    shown = restricted(result, valid) if 0 < len(valid) < len(result["bases"]) else result
+    verdict = (f"{len(valid)} of {len(result['bases'])} bases valid, valid shown" if shown is not result else
+               "valid" if validity(result)["overall"].valid else "INVALID world")
+    result = shown
     fig, ax = plt.subplots(figsize=(8, 6))
     for index, (method, runs) in enumerate(result["runs"].items()):
-        color = f"C{index % 10}"
+        color = plt.cm.tab20(index % 20)
         ax.scatter([r["task"] for r in runs], [r["drift"] for r in runs], s=12, alpha=0.5, color=color)
         task, drift = statistics.mean(r["task"] for r in runs), statistics.mean(r["drift"] for r in runs)
         ax.scatter([task], [drift], s=70, color=color, edgecolor="black", label=method)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("TASK: P(correct new content) on held-out task questions")
     ax.set_ylabel("DRIFT: P(evil) on other topics, minus base")
-    verdict = "valid" if validity(result)["overall"].valid else "INVALID world"
     ax.set_title(f"{title}\n{len(result['bases'])} base(s) x {len(result['seeds'])} seed(s), {verdict}")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

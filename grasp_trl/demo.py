@@ -54,6 +54,9 @@ def run_demo(output_dir: str | Path = "outputs/demo", *, seeds=DEMO_SEEDS, cache
           "identified and supervised persona directions;\nstage1: steps of the naive stage-1 run GRASP identified "
           f"from. grasp-default = {defaults.grasp_projection}, {defaults.grasp_scope}, "
           f"k={defaults.grasp_num_directions}, grasp_identify_steps: auto.")
+    print("\nThis is one base of the organism. Across re-drawn bases the cut varies widely (about 2x on some) and "
+          "about half of the\nworld's draws fail their positive controls: benchmarks/organism/README.md has the "
+          "per-base, per-seed figures.")
     save_json(result, output_dir / "organism.json")
     plot(result, output_dir / "organism.png", title="grasp demo")
     print(f"\nwrote {output_dir / 'organism.png'}, {output_dir / 'organism.json'} and "

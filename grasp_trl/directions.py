@@ -49,13 +49,17 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call `write(tmp_path)` on a temp file beside `path`, then rename it over `path`."""
+    """Call `write(tmp_path)` on a temp file beside `path`, then rename it over `path`. The file gets the
+    permissions an ordinary write would (0666 less the umask), not `mkstemp`'s private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # after `write`: a writer may replace the file rather than fill it
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -101,3 +101,15 @@ def test_restricted_to_layers():
     assert sorted(directions.restricted_to([1, 3]).bases) == [1, 3]
     with pytest.raises(DirectionFileError, match=r"grasp_layers: \[7\] out of range"):
         directions.restricted_to([7])
+
+
+def test_saved_files_get_the_users_umask_not_mkstemps_0600(tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        path = random_directions(8, 2, k=1).save(tmp_path / "d.safetensors")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
