@@ -117,7 +117,7 @@ def test_without_the_plugins_line_only_axolotl_0_19_drops_grasp(workspace):
     ({"grasp_identify_steps": 2, "grasp_projection": "gradients"},
      "grasp_projection: expected one of activations, weights, both, clamp; found 'gradients'"),
     ({"grasp_identify_steps": 2, "grasp_scope": "layer"}, "grasp_scope: expected one of per_layer, global; found 'layer'"),
-    ({"grasp_identify_steps": 0}, "grasp_identify_steps: expected a positive number of steps; found 0"),
+    ({"grasp_identify_steps": 0}, "grasp_identify_steps: expected a positive number of steps or 'auto'; found 0"),
     ({"grasp_identify_steps": 2, "grasp_layers": [-1]}, "grasp_layers: expected a list of non-negative"),
     ({"grasp_identify_steps": 2, "grasp_target_modules": "{not json"}, "grasp_target_modules: expected a JSON"),
     ({"grasp": None, "grasp_identify_steps": 2}, "grasp_identify_steps set but grasp is not"),

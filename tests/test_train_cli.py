@@ -22,7 +22,7 @@ def test_recipe_parses_with_every_key_known(kind):
     assert recipe.read_text().startswith(f"# Launch: grasp {kind} recipes/trl/{kind}.yaml")
     _, config, model, _ = make_parser(kind).parse_args_and_config(["--config", str(recipe), "--use_cpu", "true",
                                                                     "--bf16", "false"])
-    assert config.grasp_enabled and config.grasp_projection == "weights" and model.use_peft
+    assert config.grasp_enabled and config.grasp_projection == "both" and model.use_peft
     assert getattr(config, CHECKPOINTING) is True  # the recipe's activation_checkpointing, under either name
 
 
