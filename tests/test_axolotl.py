@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import importlib.metadata
 import json
 import os
 import re
@@ -20,19 +21,22 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from packaging.version import Version
 
-# The CI leg `newest` has no Axolotl (tools/legs.sh): everything here needs it.
-axolotl = pytest.importorskip("axolotl", reason="Axolotl is not installed (pip install 'grasp-trl[axolotl]')")
+from axolotl_fixtures import (AXOLOTL, assert_invariant, cpu_config, lora_moved, run_axolotl, saved_leakage,
+                              write_data)
+from conftest import lora_model, random_directions, randomise_lora_b
+from grasp_trl.config import DIRECTIONS_FILENAME, STAGE1_DIRNAME, GraspArguments, grasp_field_names
+from grasp_trl.directions import DirectionSet, sha256_of
+from grasp_trl.tiny import save_tiny_model
 
-from packaging.version import Version  # noqa: E402
-
-from axolotl_fixtures import (AXOLOTL, assert_invariant, cpu_config, lora_moved, run_axolotl,  # noqa: E402
-                              saved_leakage, write_data)
-from axolotl_plugin.cli import loaded_without_plugins_line  # noqa: E402
-from conftest import lora_model, random_directions, randomise_lora_b  # noqa: E402
-from grasp_trl.config import DIRECTIONS_FILENAME, STAGE1_DIRNAME, GraspArguments, grasp_field_names  # noqa: E402
-from grasp_trl.directions import DirectionSet, sha256_of  # noqa: E402
-from grasp_trl.tiny import save_tiny_model  # noqa: E402
+try:
+    AXOLOTL_VERSION = Version(importlib.metadata.version("axolotl"))
+except importlib.metadata.PackageNotFoundError:
+    AXOLOTL_VERSION = None
+# Every test here needs Axolotl; the CI leg `newest` has none (tools/legs.sh).
+pytestmark = pytest.mark.skipif(AXOLOTL_VERSION is None,
+                                reason="Axolotl is not installed (pip install 'grasp-trl[axolotl]')")
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes" / "axolotl").glob("*.yaml"))
@@ -41,7 +45,7 @@ HIDDEN, LAYERS = 32, 2
 GPU = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_90"}
 # Axolotl >= 0.21 loads GraspPlugin through the `axolotl.plugins` entry point (pyproject.toml) in every run, so
 # `grasp: true` works without a `plugins:` line; 0.19 loads only listed plugins and drops the keys.
-ENTRY_POINT = Version(axolotl.__version__) >= Version("0.21")
+ENTRY_POINT = AXOLOTL_VERSION is not None and AXOLOTL_VERSION >= Version("0.21")
 
 
 @pytest.fixture(autouse=True)
@@ -99,6 +103,8 @@ def test_grasp_keys_survive_axolotl_validation_with_the_plugin(workspace):
 def test_without_the_plugins_line_only_axolotl_0_19_drops_grasp(workspace):
     """No `plugins:` entry: Axolotl 0.19 drops `grasp: true` without an error (the fact the README warns about);
     Axolotl 0.21 has loaded the plugin from its entry point and keeps every key."""
+    from axolotl_plugin.cli import loaded_without_plugins_line
+
     assert loaded_without_plugins_line() is ENTRY_POINT, "is grasp-trl installed (pip install -e .)?"
     cfg = cpu_config(workspace["model"], workspace["data"], workspace["root"] / "v",
                      grasp_directions=str(workspace["directions"]))
@@ -282,7 +288,7 @@ def test_axolotl_sft_without_the_plugins_line(workspace):
     cfg = cpu_config(workspace["model"], workspace["data"], out, grasp_directions=str(workspace["directions"]))
     del cfg["plugins"]
     proc, seconds = run_axolotl(cfg, workspace["root"] / "w-sft-no-plugins-line", "--launcher", "python")
-    print(f"axolotl train (sft, no plugins line, Axolotl {axolotl.__version__}): {seconds:.1f} s")
+    print(f"axolotl train (sft, no plugins line, Axolotl {AXOLOTL_VERSION}): {seconds:.1f} s")
     log = proc.stdout + proc.stderr
     if ENTRY_POINT:
         _check_run(proc, out)
