@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from .identify import factors_from_peft_model
 from .projection import GradientProjector
@@ -31,11 +32,19 @@ def reject_fsdp(args) -> None:
                          "or zero3_offload.json; see docs/SUPPORT.md).")
 
 
-class GraspCallback(TrainerCallback):
-    """Calls `projector.project_parameters()` after every optimizer step; adds GRASP metrics to the logs."""
+class GraspCallback(TrainerCallback, ExportableState):
+    """Calls `projector.project_parameters()` after every optimizer step; adds GRASP metrics to the logs.
 
-    def __init__(self, projector: GradientProjector | None = None):
+    As an `ExportableState` it records `directions_sha256`, the hash of the direction file being projected, in
+    every checkpoint's `trainer_state.json` (`stateful_callbacks.GraspCallback`), so a checkpoint says which
+    directions trained it and resuming can check the file beside it is that one."""
+
+    def __init__(self, projector: GradientProjector | None = None, directions_sha256: str | None = None):
         self.projector = projector
+        self.directions_sha256 = directions_sha256
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"directions_sha256": self.directions_sha256}}
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.projector is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def _first_line(exc: BaseException) -> str:
@@ -17,11 +18,17 @@ def _first_line(exc: BaseException) -> str:
     return text.strip("\"'") if isinstance(exc, KeyError) else text
 
 
+def _adapter_files(directory: str) -> list[Path]:
+    """The files an identification reads under `directory` (its adapters, checkpoint-N ones included)."""
+    return [*Path(directory).glob("adapter_*"), *Path(directory).glob("*/adapter_*")]
+
+
 def _identify(args) -> None:
     from .diagnostics import inspect_report
-    from .directions import DirectionSet
+    from .directions import DirectionSet, check_output
     from .identify import extract_directions
 
+    check_output(args.output, "-o", reading=_adapter_files(args.adapter_dir), overwrite=args.overwrite)
     adapter_dir, stopping = args.adapter_dir, None
     if args.auto:
         from .stopping import choose_checkpoint
@@ -59,6 +66,7 @@ def _check_adapter_fits(model, adapter_dir, config: dict) -> None:
     so an adapter trained on another model is reported by module name instead of a state-dict dump."""
     from safetensors import safe_open
 
+    from .identify import check_finite_lora
     from .modules import strip_adapter_suffix
 
     weights = adapter_dir / "adapter_model.safetensors"
@@ -87,12 +95,15 @@ def _check_adapter_fits(model, adapter_dir, config: dict) -> None:
             raise ValueError(f"{adapter_dir}: {name}.{side} has shape {shape}, but base model "
                              f"{model.config._name_or_path} needs {'in' if side == 'lora_A' else 'out'}_features="
                              f"{expected} there (the adapter was trained on {trained_on})")
+    with safe_open(str(weights), framework="pt") as handle:  # NaN/Inf would make every reading NaN
+        for key in handle.keys():
+            side = "lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else None
+            if side is not None:
+                check_finite_lora(str(weights), strip_adapter_suffix(key), **{side: handle.get_tensor(key)})
 
 
 def _load_adapter(model, adapter_dir: str):
     """`model` with the PEFT adapter in `adapter_dir`; a wrong or foreign adapter is one clear line."""
-    from pathlib import Path
-
     from peft import PeftModel
 
     from .identify import read_adapter_config
@@ -109,8 +120,10 @@ def _load_adapter(model, adapter_dir: str):
 
 def _inspect(args) -> None:
     from .diagnostics import inspect_report, logit_lens, logit_lens_report
-    from .directions import DirectionSet
+    from .directions import DirectionSet, check_output
 
+    if args.plot:
+        check_output(args.plot, "--plot", reading=[args.file], overwrite=True)
     directions = DirectionSet.load(args.file)
     print(inspect_report(directions))
     readout = None
@@ -125,9 +138,12 @@ def _inspect(args) -> None:
 
 
 def _probe(args) -> None:
-    from .directions import DirectionSet
+    from .directions import DirectionSet, check_output
     from .probe import DEFAULT_PROMPTS, drift_probe, load_prompts
 
+    if args.plot:
+        check_output(args.plot, "--plot", reading=[args.directions, *(_adapter_files(args.adapter)),
+                                                   *([args.prompts] if args.prompts else [])], overwrite=True)
     directions = DirectionSet.load(args.directions)
     prompts = load_prompts(args.prompts or DEFAULT_PROMPTS)
     model, tokenizer = _load_base(args.model)
@@ -144,9 +160,10 @@ def _probe(args) -> None:
 
 def _import(args) -> None:
     from .diagnostics import inspect_report
-    from .directions import DirectionSet
+    from .directions import DirectionSet, check_output
     from .importers import import_directions
 
+    check_output(args.output, "-o", reading=[args.file], overwrite=args.overwrite)
     num_layers = args.num_layers
     if args.model and num_layers is None:
         from transformers import AutoConfig
@@ -199,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with --auto, from the checkpoint of a naive run the stopping rule picks)")
     identify.add_argument("adapter_dir", help="adapter directory; with --auto, the naive run's output_dir holding "
                           "checkpoint-N adapters")
-    identify.add_argument("-o", "--output", required=True, help="direction file to write (.safetensors)")
+    identify.add_argument("-o", "--output", required=True, help="direction file to write (.safetensors; an "
+                          "existing file is refused unless --overwrite)")
+    identify.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     identify.add_argument("--auto", action="store_true", help="replay grasp_identify_steps=auto's stopping rule "
                           "over the run's checkpoints and identify from the one where it fires")
     identify.add_argument("-k", type=int, default=defaults.grasp_num_directions,
@@ -239,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp = commands.add_parser("import", help="import persona/steering vectors into a direction file")
     imp.add_argument("file", help="a layer tensor [L+1, d] (row 0 = embeddings, row l+1 = after block l; .pt or "
                      ".safetensors) or a {layer: vector} safetensors file (layer = block index)")
-    imp.add_argument("-o", "--output", required=True, help="direction file to write (.safetensors)")
+    imp.add_argument("-o", "--output", required=True, help="direction file to write (.safetensors; an existing "
+                     "file is refused unless --overwrite)")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     imp.add_argument("--format", choices=["auto", "layer-tensor", "layer-dict"], default="auto")
     imp.add_argument("--num-layers", type=int, default=None,
                      help="decoder blocks of the target model (checked for a layer tensor; needed for a "

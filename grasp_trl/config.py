@@ -52,13 +52,16 @@ def validate_grasp_fields(values: dict[str, Any]) -> dict[str, Any]:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"grasp_num_directions: expected a positive integer; found {k!r}")
     energy = values.get("grasp_energy")
-    if energy is not None and not (isinstance(energy, (int, float)) and 0 < energy <= 1):
+    if energy is not None and (isinstance(energy, bool) or not (isinstance(energy, (int, float)) and 0 < energy <= 1)):
         raise ValueError(f"grasp_energy: expected a fraction in (0, 1]; found {energy!r}")
     layers = values.get("grasp_layers")
     if layers is not None:
         if isinstance(layers, int) or not all(isinstance(l, int) and not isinstance(l, bool) and l >= 0
                                               for l in layers):
             raise ValueError(f"grasp_layers: expected a list of non-negative layer indices; found {layers!r}")
+        if not layers:  # an empty list would project nothing: unset the key to project at every layer
+            raise ValueError("grasp_layers: expected at least one layer index (unset it to project at every "
+                             "layer); found []")
         values["grasp_layers"] = sorted(set(layers))
     modules = values.get("grasp_target_modules")
     if isinstance(modules, str):

@@ -48,12 +48,34 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def check_output(path: str | os.PathLike, flag: str, *, reading=(), overwrite: bool = False) -> Path:
+    """Refuse to write `path` (given as `flag`) where that would destroy something: a file the command is
+    reading (`reading`; never allowed, not even with `overwrite`), or an existing file unless `overwrite`.
+    Every command that writes a user-named file calls this before any work, so a refusal costs nothing and no
+    input or record of a past run is lost."""
+    path = Path(path)
+    target = path.resolve()
+    for source in reading:
+        if target == Path(source).resolve():
+            raise FileExistsError(f"{flag} {path}: is the input {source} this command reads; expected a new path")
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path}: is a directory; expected a file path")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{flag} {path}: already exists; expected a new path (pass --overwrite to "
+                              "replace it)")
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call `write(tmp_path)` on a temp file beside `path`, then rename it over `path`. The file gets the
-    permissions an ordinary write would (0666 less the umask), not `mkstemp`'s private 0600."""
+    permissions an ordinary write would (0666 less the umask), not `mkstemp`'s private 0600. A directory that
+    cannot be created or written is reported under `path`, not the hidden temp file's name."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OSError(f"{path}: cannot write there ({exc.strerror}: {exc.filename})") from exc
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -81,10 +103,11 @@ class DirectionSet:
     """
 
     def __init__(self, bases: Mapping[int, torch.Tensor], num_layers: int, metadata: dict[str, Any] | None = None,
-                 *, source: str = "<in memory>"):
+                 *, source: str = "<in memory>", file_bytes: bytes | None = None):
         self.num_layers = int(num_layers)
         self.metadata = dict(metadata or {})
         self.source = source
+        self._file_bytes = file_bytes  # the bytes `load` parsed: what checkpoints record (see `file_bytes`)
         self.bases: dict[int, torch.Tensor] = {}
         sizes = set()
         for layer, basis in sorted(bases.items()):
@@ -95,9 +118,10 @@ class DirectionSet:
             where = f"{source}: layers.{layer}.basis"
             if not 0 <= layer < self.num_layers:
                 raise DirectionFileError(f"{where}: layer index {layer} out of range for num_layers={self.num_layers}")
-            if basis.ndim != 2 or basis.shape[1] == 0 or basis.shape[1] > basis.shape[0]:
-                raise DirectionFileError(f"{where}: expected shape (hidden_size, k) with 1 <= k <= hidden_size, "
-                                         f"found {tuple(basis.shape)}")
+            if basis.ndim != 2 or basis.shape[1] == 0 or basis.shape[1] >= basis.shape[0]:
+                raise DirectionFileError(f"{where}: expected shape (hidden_size, k) with 1 <= k < hidden_size "
+                                         f"(k = hidden_size would project out the whole stream), found "
+                                         f"{tuple(basis.shape)}")
             if not torch.isfinite(basis).all():
                 raise DirectionFileError(f"{where}: contains NaN or Inf")
             error = orthonormality_error(basis)
@@ -147,8 +171,12 @@ class DirectionSet:
         bad = sorted(l for l in layers if not 0 <= l < self.num_layers)
         if bad:
             raise DirectionFileError(f"grasp_layers: {bad} out of range for a model with {self.num_layers} layers")
-        return DirectionSet({l: b for l, b in self.bases.items() if l in layers}, self.num_layers,
-                            {**self.metadata, "layers_kept": sorted(layers)}, source=self.source)
+        kept = {l: b for l, b in self.bases.items() if l in layers}
+        if not kept and self.bases:
+            raise DirectionFileError(f"grasp_layers: {sorted(layers)} keeps none of the layers {sorted(self.bases)} "
+                                     f"that {self.source} has directions for; nothing would be projected")
+        return DirectionSet(kept, self.num_layers, {**self.metadata, "layers_kept": sorted(layers)},
+                            source=self.source)
 
     def __repr__(self) -> str:
         ks = {l: b.shape[1] for l, b in self.bases.items()}
@@ -167,12 +195,47 @@ class DirectionSet:
         if self.num_layers != model_l:
             raise DirectionFileError(f"{self.source}: direction file has num_layers={self.num_layers}, "
                                      f"model {name} has num_hidden_layers={model_l}")
+        base = self.metadata.get("base_model")
+        if base and name and not _same_model(base, name):
+            warnings.warn(f"{self.source}: identified on base model {base}, applied to model {name}: directions of "
+                          "one base model mean nothing in another (same shapes only)", stacklevel=2)
 
     # ----------------------------------------------------------------------------------------------- files
+    @property
+    def file_bytes(self) -> bytes:
+        """The set as a direction file's bytes: those `load` read (so a file rewritten on disk later changes
+        nothing: the trainers write checkpoints and outputs from these), else a fresh serialisation."""
+        if self._file_bytes is None:
+            self._file_bytes = self._serialise()
+        return self._file_bytes
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of `file_bytes`: the hash of the file exactly as it was read (and as checkpoints record it)."""
+        return hashlib.sha256(self.file_bytes).hexdigest()
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the set atomically as safetensors + JSON metadata; returns the path."""
         from safetensors.torch import save_file
 
+        tensors, metadata = self._payload()
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        return Path(path)
+
+    def write_recorded(self, path: str | os.PathLike) -> Path:
+        """Write `file_bytes` (the file as it was read) atomically to `path`: checkpoints and outputs."""
+        data = self.file_bytes
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+        return Path(path)
+
+    def _serialise(self) -> bytes:
+        from safetensors.torch import save
+
+        tensors, metadata = self._payload()
+        return save(tensors, metadata=metadata)
+
+    def _payload(self) -> tuple[dict, dict]:
+        """The file's tensors and its safetensors metadata (the `grasp` JSON entry)."""
         meta = {
             "format_version": FORMAT_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -184,22 +247,26 @@ class DirectionSet:
         }
         # clone: layers of a global set may share one tensor, which safetensors refuses to write twice
         tensors = {f"layers.{l}.basis": b.contiguous().clone() for l, b in self.bases.items()}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"grasp": json.dumps(meta)}))
-        return Path(path)
+        return tensors, {"grasp": json.dumps(meta)}
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DirectionSet":
-        """Read and validate a direction file. Every failure is a `DirectionFileError` naming the file."""
-        from safetensors import safe_open
+        """Read and validate a direction file. Every failure is a `DirectionFileError` naming the file.
+
+        The file is read once, and its bytes are kept (`file_bytes`, `sha256`): what was loaded is what is
+        recorded, whatever happens to the file on disk afterwards."""
+        from safetensors.torch import load
 
         path = Path(path)
         if not path.is_file():
             raise DirectionFileError(f"{path}: direction file not found" +
                                      (" (it is a directory)" if path.is_dir() else ""))
+        data = path.read_bytes()
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                raw_meta = (handle.metadata() or {}).get("grasp")
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            header_length = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8:8 + header_length])
+            raw_meta = (header.get("__metadata__") or {}).get("grasp")
+            tensors = load(data)
         except Exception as exc:  # safetensors raises several types for truncated/garbled files
             raise DirectionFileError(f"{path}: not a readable safetensors file ({exc})") from exc
         if raw_meta is None:
@@ -219,4 +286,13 @@ class DirectionSet:
             if not match:
                 raise DirectionFileError(f"{path}: unexpected tensor {key!r}; expected 'layers.<l>.basis'")
             bases[int(match.group(1))] = tensor
-        return cls(bases, int(meta["num_layers"]), meta, source=str(path))
+        return cls(bases, int(meta["num_layers"]), meta, source=str(path), file_bytes=data)
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model names (hub ids or local directories) plausibly name the same model: equal after
+    resolving local paths, or the same final path component (a hub id and its local snapshot)."""
+    def norm(name: str) -> str:
+        return str(Path(name).resolve()) if Path(name).exists() else name.rstrip("/")
+    a, b = norm(a), norm(b)
+    return a == b or Path(a).name == Path(b).name

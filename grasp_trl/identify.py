@@ -31,6 +31,7 @@ from .modules import Role, block_index, classify, strip_adapter_suffix
 Scope = Literal["per_layer", "global"]
 EXACT_SVD_MAX_COLUMNS = 4096  # beyond this many stacked rank-1 columns, use randomised subspace iteration
 SPECTRUM_LENGTH = 32  # singular values reported per layer
+MIN_UPDATE_NORM = 1e-8  # ||dW||_F of the stacked update at or below this defines no direction (lora_B starts at 0)
 
 
 @contextmanager
@@ -75,11 +76,25 @@ def _scaling(config: Mapping, name: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def _factor(name: str, layer: int, role: Role, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> LoraFactor:
+def _factor(name: str, layer: int, role: Role, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+            where: str) -> LoraFactor:
+    """The residual-side factor of one module; NaN/Inf weights (a diverged run) are refused here, where every
+    reader of adapters (saved or in memory, identification and the stopping rule) passes, naming `where`."""
+    check_finite_lora(where, name, lora_A=lora_a, lora_B=lora_b)
     lora_a, lora_b = lora_a.detach().to("cpu", torch.float64), lora_b.detach().to("cpu", torch.float64)
     if role == "write":
         return LoraFactor(name, layer, role, scale * lora_b, lora_a)
     return LoraFactor(name, layer, role, scale * lora_a.T, lora_b.T)
+
+
+def check_finite_lora(where: str, name: str, **sides: torch.Tensor) -> None:
+    """Raise a ValueError naming `where`, module `name` and the side (`lora_A=...`, `lora_B=...`) when a LoRA
+    weight holds NaN or Inf."""
+    for side, tensor in sides.items():
+        if not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{where}: module {name}: {side} has {bad} NaN/Inf values of {tensor.numel()}; "
+                             "expected finite adapter weights (did the run diverge?)")
 
 
 def _selected(name: str, layer: int | None, role: Role | None, include_readers: bool) -> bool:
@@ -90,22 +105,35 @@ def factors_from_peft_model(model, *, include_readers: bool = False, target_modu
                             adapter_name: str | None = None) -> list[LoraFactor]:
     """Residual-side LoRA factors of an in-memory PEFT model (active adapter unless `adapter_name`); under
     DeepSpeed ZeRO the whole fp32 weights are read (a collective: every rank must call it)."""
+    factors = []
+    for name, module, adapter_name, layer, role in residual_lora_modules(model, include_readers=include_readers,
+                                                                        target_modules=target_modules,
+                                                                        adapter_name=adapter_name):
+        if getattr(module, "use_dora", {}).get(adapter_name, False):
+            warnings.warn(f"{name}: DoRA magnitude vector ignored; extracting from B @ A only", stacklevel=2)
+        factors.append(_factor(name, layer, role, full_fp32(module.lora_A[adapter_name].weight),
+                               full_fp32(module.lora_B[adapter_name].weight), float(module.scaling[adapter_name]),
+                               "<in-memory PEFT model>"))
+    return factors
+
+
+def residual_lora_modules(model, *, include_readers: bool = False, target_modules=None,
+                          adapter_name: str | None = None) -> list[tuple]:
+    """`(name, module, adapter, layer, role)` of the LoRA modules identification reads in an in-memory PEFT
+    model: writers in a block (and readers with `include_readers`). Reads no weights, so the trainers check
+    at construction that stage 1 will have something to identify from."""
     adapter_name = adapter_name or getattr(model, "active_adapter", "default")
     if isinstance(adapter_name, (list, tuple)):
         adapter_name = adapter_name[0]
-    factors = []
+    found = []
     for name, module in model.named_modules():
         lora_a = getattr(module, "lora_A", None)
         if lora_a is None or adapter_name not in lora_a:
             continue
-        if getattr(module, "use_dora", {}).get(adapter_name, False):
-            warnings.warn(f"{name}: DoRA magnitude vector ignored; extracting from B @ A only", stacklevel=2)
         layer, role = block_index(name), classify(name, target_modules)
-        if not _selected(name, layer, role, include_readers):
-            continue
-        factors.append(_factor(name, layer, role, full_fp32(lora_a[adapter_name].weight),
-                               full_fp32(module.lora_B[adapter_name].weight), float(module.scaling[adapter_name])))
-    return factors
+        if _selected(name, layer, role, include_readers):
+            found.append((name, module, adapter_name, layer, role))
+    return found
 
 
 def read_adapter_config(directory: Path) -> dict:
@@ -161,7 +189,7 @@ def factors_from_adapter_dir(directory: str | Path, *, include_readers: bool = F
             raise ValueError(f"{weights}: cannot read {a_key}/{b_key} ({exc}); the file may be truncated") from exc
         if lora_a.shape[0] != lora_b.shape[1]:
             raise ValueError(f"{weights}: {name}: lora_A has rank {lora_a.shape[0]}, lora_B has {lora_b.shape[1]}")
-        factor = _factor(name, layer, role, lora_a, lora_b, _scaling(config, name, lora_a.shape[0]))
+        factor = _factor(name, layer, role, lora_a, lora_b, _scaling(config, name, lora_a.shape[0]), str(weights))
         if compress:
             factor.right = _triangular(factor.right).T
         factors.append(factor)
@@ -241,14 +269,17 @@ def extract_directions(adapter, k: int = 1, scope: Scope = "per_layer", *, energ
         raise ValueError(f"scope: expected 'per_layer' or 'global', found {scope!r}")
     if energy is None and (not isinstance(k, int) or k < 1):
         raise ValueError(f"k: expected a positive integer, found {k!r}")
-    if energy is not None and not 0 < energy <= 1:
+    if energy is not None and (isinstance(energy, bool) or not 0 < energy <= 1):
         raise ValueError(f"energy: expected a fraction in (0, 1], found {energy!r}")
+    if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
+        raise ValueError(f"max_k: expected a positive integer, found {max_k!r}")
 
     metadata: dict = {"scope": scope, "sides": "both" if include_readers else "write",
                       "selection": {"k": k} if energy is None else {"energy": energy, "max_k": max_k}}
     digest: Future | None = None
     if isinstance(adapter, (str, Path)):
         directory = Path(adapter)
+        where = str(directory)
         weights = directory / "adapter_model.safetensors"
         digest = _hash_in_background(weights) if weights.is_file() else None
         factors, config = factors_from_adapter_dir(directory, include_readers=include_readers,
@@ -262,6 +293,7 @@ def extract_directions(adapter, k: int = 1, scope: Scope = "per_layer", *, energ
         base_config = getattr(adapter, "config", None)
         metadata.update(source_adapter="<in-memory PEFT model>",
                         base_model=getattr(base_config, "_name_or_path", None))
+        where = metadata["source_adapter"]
         if num_layers is None:
             from .modules import num_hidden_layers
 
@@ -273,6 +305,10 @@ def extract_directions(adapter, k: int = 1, scope: Scope = "per_layer", *, energ
     if num_layers is None:
         num_layers = max(f.layer for f in factors) + 1
         metadata["num_layers_inferred"] = True
+    deepest = max(factors, key=lambda f: f.layer)
+    if deepest.layer >= num_layers:
+        raise ValueError(f"num_layers (--num-layers) = {num_layers}: {where} has a LoRA module in block "
+                         f"{deepest.layer} ({deepest.name}); expected num_layers >= {deepest.layer + 1}")
     metadata["module_classification"] = {f.name: f.role for f in factors}
 
     groups: dict[int, list[LoraFactor]] = {}
@@ -287,11 +323,11 @@ def extract_directions(adapter, k: int = 1, scope: Scope = "per_layer", *, energ
             if layer not in groups:
                 continue
             core = stacked_core(groups[layer])
-            basis, values = _basis(core, k, energy, max_k, count_needed)
+            basis, values = _basis(core, k, energy, max_k, count_needed, f"{where}: block {layer}")
             bases[layer], spectra[layer], energies[layer] = basis, values, _captured(core, values, basis.shape[1])
     else:
         core = stacked_core(f for layer in wanted for f in groups.get(layer, []))
-        basis, values = _basis(core, k, energy, max_k, count_needed)
+        basis, values = _basis(core, k, energy, max_k, count_needed, f"{where}: the stacked update")
         for layer in wanted:
             bases[layer] = basis
         spectra["global"], energies["global"] = values, _captured(core, values, basis.shape[1])
@@ -312,7 +348,17 @@ def _hash_in_background(path: Path) -> Future:
     return future
 
 
-def _basis(core, k, energy, max_k, count_needed):
+def _basis(core, k, energy, max_k, count_needed, where: str):
+    """Top directions of one stacked core, after refusing the cores that define none: an update of norm at
+    most `MIN_UPDATE_NORM` (its directions would be rounding noise), and a fixed `k` above the total LoRA
+    rank stacked there (only that many directions exist; metadata would record a `k` that was not taken)."""
+    norm = float(core.norm())
+    if not norm > MIN_UPDATE_NORM:
+        raise ValueError(f"{where}: LoRA update norm ||dW||_F = {norm:.3g}, expected > {MIN_UPDATE_NORM:g}: too "
+                         "small to define a direction (an untrained adapter? lora_B starts at zero)")
+    if energy is None and k > core.shape[1]:
+        raise ValueError(f"{where}: k={k} directions asked, but the LoRA update there has total rank "
+                         f"{core.shape[1]}; expected k <= {core.shape[1]}")
     values_wanted = min(max(count_needed, SPECTRUM_LENGTH), min(core.shape))
     vectors, values = top_singular(core, values_wanted)
     chosen = choose_k(values, float(core.pow(2).sum()), k, energy, max_k)

@@ -60,13 +60,38 @@ def strip_adapter_suffix(key: str) -> str:
     return _ADAPTER_SUFFIX.sub("", key)
 
 
+def _leaf_parts(name: str) -> list[str]:
+    return [p for p in name.split(".") if not p.isdigit()]
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """Whether a `target_modules` key (a leaf name, or a regex on the full name or the leaf) names `name`."""
+    parts = _leaf_parts(name)
+    leaf = parts[-1] if parts else name
+    return pattern == leaf or bool(re.fullmatch(pattern, name)) or bool(re.fullmatch(pattern, leaf))
+
+
+def check_target_modules(model, target_modules: Mapping[str, Role] | None) -> None:
+    """Raise when a `grasp_target_modules` key names no module of `model`: such a mapping classifies nothing,
+    so the modules it was meant for stay unconstrained without a word (a typo, or another architecture's names)."""
+    if not target_modules:
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    unmatched = [pattern for pattern in target_modules if not any(_matches(pattern, name) for name in names)]
+    if unmatched:
+        leaves = sorted({_leaf_parts(n)[-1] for n in linear_module_names(model) if _leaf_parts(n)})
+        raise ValueError(f"grasp_target_modules: {', '.join(map(repr, unmatched))} matches no module of the "
+                         f"model; expected a leaf name or regex of its modules (linear leaves: "
+                         f"{', '.join(leaves[:20])})")
+
+
 def classify(name: str, target_modules: Mapping[str, Role] | None = None) -> Role | None:
     """Role of one module by name; `target_modules` (leaf name or regex -> role) takes precedence."""
-    parts = [p for p in name.split(".") if not p.isdigit()]
+    parts = _leaf_parts(name)
     leaf = parts[-1] if parts else name
     if target_modules:
         for pattern, role in target_modules.items():
-            if pattern == leaf or re.fullmatch(pattern, name) or re.fullmatch(pattern, leaf):
+            if _matches(pattern, name):
                 if role not in ("write", "read"):
                     raise ValueError(f"grasp_target_modules[{pattern!r}]: expected 'write' or 'read', found {role!r}")
                 return role

@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from .directions import DirectionSet
-from .modules import block_index, classify, classify_all, decoder_blocks, linear_module_names
+from .modules import (block_index, check_target_modules, classify, classify_all, decoder_blocks,
+                      linear_module_names)
 
 Projection = Literal["activations", "weights", "both", "clamp"]
 Sides = Literal["write", "read", "both"]
@@ -239,6 +240,7 @@ class GradientProjector:
         if reader_layer not in READER_LAYERS:
             raise ValueError(f"reader_layer: expected one of {READER_LAYERS}, found {reader_layer!r}")
         directions.validate_for(model)
+        check_target_modules(model, target_modules)
         self.model = model
         self.directions = directions
         self.projection = projection
@@ -278,6 +280,12 @@ class GradientProjector:
         if self.directions.is_empty:
             self.attached = True
             return self
+        constraints = self._build_constraints() if self.uses_weights else None  # checked before any hook exists
+        if constraints == []:
+            raise ValueError(f"grasp_sides={self.sides}: the LoRA has no {self._side_words()} module in a "
+                             f"block with a direction (layers {sorted(self.directions.bases)}); the weights "
+                             "projection would constrain nothing. Expected LoRA target_modules on that side, "
+                             "or another grasp_sides")
         if self.uses_activations or self.uses_clamp:
             if self.uses_clamp and not hasattr(self.model, "disable_adapter"):
                 raise ValueError("projection='clamp' needs a PEFT (LoRA/QLoRA) model: the base model's forward is "
@@ -292,7 +300,7 @@ class GradientProjector:
                 self._handles.append(self.model.register_forward_pre_hook(self._record_reference,
                                                                           with_kwargs=True))
         if self.uses_weights:
-            self.constraints = self._build_constraints()
+            self.constraints = constraints
             self.groups = group_constraints(self.constraints)
             for constraint in self.constraints if self.grad_hooks else ():
                 constraint.hook = constraint.param.register_hook(functools.partial(self._project_param_grad,
@@ -402,6 +410,9 @@ class GradientProjector:
         if role == "read" and self.reader_layer == "input":
             layer -= 1
         return layer if layer in self.directions.bases else None
+
+    def _side_words(self) -> str:
+        return {"write": "writer", "read": "reader", "both": "writer or reader"}[self.sides]
 
     def _wants(self, role: str) -> bool:
         return self.sides == "both" or (self.sides == "write") == (role == "write")

@@ -6,9 +6,12 @@
 * with `grasp_identify_steps`: `train()` first runs a naive stage 1 in `output_dir/grasp_stage1`, extracts and
   saves the directions and the spectrum there, restores the adapter's initial values and the RNG state, and
   then runs stage 2 with projection — the same result as stage 2 run from the saved file with the same seed;
-* the direction file is written into every checkpoint and the final output, and resuming from a checkpoint
-  reuses it; `grasp/leakage` and `grasp/grad_removed_fraction` join the normal logs; the model card says
-  GRASP was used, with the file's hash.
+* the direction file is written into every checkpoint and the final output from the bytes read at install
+  (a file rewritten on disk mid-run changes nothing), its sha256 is recorded in the trainer state, and
+  resuming from a checkpoint reuses it (a checkpoint without it is an error); `grasp/leakage` and
+  `grasp/grad_removed_fraction` join the normal logs; the model card says GRASP was used, with the file's hash;
+* everything checkable is checked at construction, before stage 1 trains: layers, module mapping, LoRA
+  modules to identify from; stage 1 refuses to replace an existing `grasp_stage1/`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +30,10 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from .callbacks import GapStoppingCallback, GraspCallback, reject_fsdp
 from .config import AUTO, DIRECTIONS_FILENAME, STAGE1_DIRNAME, GraspArguments
 from .deepspeed import forget_fp32_masters, update_params
-from .directions import DirectionFileError, DirectionSet, atomic_write, sha256_of
+from .directions import DirectionFileError, DirectionSet
 from .drift import GraspDriftCallback, drift_callback_from_args
-from .identify import extract_directions
-from .modules import num_hidden_layers
+from .identify import extract_directions, residual_lora_modules
+from .modules import check_target_modules, num_hidden_layers
 from .projection import GradientProjector
 from .stopping import GapRule
 
@@ -71,6 +74,14 @@ def build_projector(model, args: GraspArguments, directions: DirectionSet, *, gr
     return GradientProjector(model, directions, args.grasp_projection, args.grasp_sides,
                              reader_layer=args.grasp_reader_layer, target_modules=args.grasp_target_modules,
                              grad_hooks=grad_hooks).attach()
+
+
+def check_layers(layers, model) -> None:
+    """`grasp_layers` against the loaded model, before any training step (stage 1 included)."""
+    count = num_hidden_layers(model)
+    bad = sorted(l for l in layers or () if not 0 <= l < count)
+    if bad:
+        raise ValueError(f"grasp_layers: {bad} out of range for a model with {count} layers (0..{count - 1})")
 
 
 def identify_from(adapter_dir: str | Path, args: GraspArguments, num_layers: int | None = None,
@@ -116,6 +127,8 @@ class GraspTrainerMixin:
         if not grasp_args.grasp_enabled:
             return
         reject_fsdp(self.args)  # fail at construction, before stage 1 or any FSDP wrapping
+        check_layers(grasp_args.grasp_layers, self.model)
+        check_target_modules(self.model, grasp_args.grasp_target_modules)
         if grasp_args.grasp_directions is not None:
             self._grasp_install(DirectionSet.load(grasp_args.grasp_directions))
         else:
@@ -123,15 +136,26 @@ class GraspTrainerMixin:
                 raise ValueError("grasp_identify_steps needs a LoRA run to identify from (pass peft_config or a "
                                  "PeftModel); for full fine-tuning, identify with a separate LoRA run and pass "
                                  "grasp_directions")
+            if not residual_lora_modules(self.model, include_readers=grasp_args.grasp_include_readers,
+                                         target_modules=grasp_args.grasp_target_modules):
+                side = "writer or reader" if grasp_args.grasp_include_readers else "writer (o_proj/down_proj-like)"
+                raise ValueError(f"grasp_identify_steps: the LoRA has no {side} module in a decoder block, so "
+                                 "stage 1 would have nothing to identify from; expected LoRA target_modules "
+                                 "including them (or grasp_include_readers: true)")
             self._grasp_initial_adapter = {name: p.detach().clone() for name, p in self.model.named_parameters()
                                            if p.requires_grad}
 
     # --------------------------------------------------------------------------------------- projection
     def _grasp_install(self, directions: DirectionSet) -> None:
         directions.validate_for(self.model)
+        if directions.is_empty:  # a null control can be meant; it must not look like a GRASP run
+            warnings.warn(f"{directions.source}: the direction file holds no direction: training WITHOUT GRASP "
+                          "(nothing projected, no direction file in the outputs, no GRASP model card)", stacklevel=2)
+            return
         if self.grasp_projector is not None:
             self.grasp_projector.detach()
         self.grasp_directions = directions
+        self.grasp_callback.directions_sha256 = directions.sha256
         # DeepSpeed consumes gradients inside backward: only per-parameter hooks see them there
         self.grasp_projector = build_projector(self.model, self.grasp_args, directions,
                                                grad_hooks=self.is_deepspeed_enabled)
@@ -161,6 +185,11 @@ class GraspTrainerMixin:
         saved = Path(checkpoint) / DIRECTIONS_FILENAME if checkpoint else None
         if saved is not None and saved.is_file():
             self._grasp_resume_directions(saved)
+        elif saved is not None and self.grasp_args.grasp_enabled and (self.grasp_projector is not None
+                                                                       or self._grasp_initial_adapter is not None):
+            raise DirectionFileError(f"{checkpoint}: no {DIRECTIONS_FILENAME}: the checkpoint does not record the "
+                                     "directions it was trained with; expected it beside the checkpoint (copy it "
+                                     "back from the run's output), or resume without GRASP")
         elif self._grasp_initial_adapter is not None and self.grasp_projector is None:
             self._grasp_stage1()
         return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -174,6 +203,11 @@ class GraspTrainerMixin:
 
     def _grasp_resume_directions(self, saved: Path) -> None:
         directions = DirectionSet.load(saved)
+        recorded = _recorded_sha256(saved.parent)
+        if recorded is not None and recorded != directions.sha256:
+            raise DirectionFileError(f"{saved}: sha256 {directions.sha256[:12]}..., but the checkpoint's "
+                                     f"trainer_state.json records {recorded[:12]}... as the directions projected; "
+                                     "the file beside the checkpoint was replaced")
         if self.grasp_projector is not None:
             current = self.grasp_directions.bases
             same = current.keys() == directions.bases.keys() and all(
@@ -189,6 +223,10 @@ class GraspTrainerMixin:
         identify, reset adapter/optimizer/RNG."""
         args, grasp_args = self.args, self.grasp_args
         stage1_dir = Path(args.output_dir) / STAGE1_DIRNAME
+        if (stage1_dir / DIRECTIONS_FILENAME).exists() or (stage1_dir / "adapter_model.safetensors").exists():
+            raise FileExistsError(f"{stage1_dir}: holds a finished stage 1 (its adapter and directions) that this "
+                                  "run would replace; expected a new output_dir, resume_from_checkpoint, or "
+                                  f"grasp_directions={stage1_dir / DIRECTIONS_FILENAME} to reuse it")
         auto = grasp_args.grasp_identify_steps == AUTO
         budget = grasp_args.grasp_identify_max_steps if auto else grasp_args.grasp_identify_steps
         overrides = {"max_steps": args.max_steps if budget is None else budget, "output_dir": str(stage1_dir),
@@ -236,10 +274,8 @@ class GraspTrainerMixin:
     # ------------------------------------------------------------------------------------------ saving
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
-        if self.grasp_projector is not None and self.args.should_save:
-            source = Path(self.grasp_directions.source)
-            atomic_write(Path(output_dir or self.args.output_dir) / DIRECTIONS_FILENAME,
-                         lambda tmp: shutil.copyfile(source, tmp))
+        if self.grasp_projector is not None and self.args.should_save:  # from memory: what was projected
+            self.grasp_directions.write_recorded(Path(output_dir or self.args.output_dir) / DIRECTIONS_FILENAME)
 
     def create_model_card(self, *args, tags=None, **kwargs):
         """The parent's model card plus a GRASP section. Arguments pass through: TRL's trainers take
@@ -251,7 +287,7 @@ class GraspTrainerMixin:
         card = Path(self.args.output_dir) / "README.md"
         if self.grasp_projector is None or not self.is_world_process_zero() or not card.is_file():
             return
-        digest = sha256_of(self.grasp_directions.source)
+        digest = self.grasp_directions.sha256
         ks = {l: self.grasp_directions.k(l) for l in self.grasp_directions.bases}
         card.write_text(card.read_text() + (
             "\n\n## GRASP\n\nTrained with GRASP (GRadient projection of Associated Spurious Patterns, "
@@ -260,6 +296,15 @@ class GraspTrainerMixin:
             f"- direction file: `{DIRECTIONS_FILENAME}` (sha256 `{digest}`)\n"
             f"- source: {self.grasp_directions.metadata.get('source_adapter', self.grasp_directions.source)}\n"
             f"- scope: {self.grasp_directions.metadata.get('scope', '?')}, k per layer: {ks}\n"))
+
+
+def _recorded_sha256(checkpoint: Path) -> str | None:
+    """The direction file's sha256 a checkpoint's `trainer_state.json` records (None for older checkpoints)."""
+    state = checkpoint / "trainer_state.json"
+    if not state.is_file():
+        return None
+    entry = json.loads(state.read_text()).get("stateful_callbacks", {}).get("GraspCallback") or {}
+    return (entry.get("attributes") or {}).get("directions_sha256")
 
 
 class GraspSFTTrainer(GraspTrainerMixin, SFTTrainer):
