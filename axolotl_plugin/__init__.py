@@ -15,15 +15,13 @@ final adapter (Axolotl saves that with `model.save_pretrained`, not through the 
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from axolotl.integrations.base import BasePlugin
 
 from grasp_trl.config import DIRECTIONS_FILENAME
-from grasp_trl.directions import DirectionSet, atomic_write, sha256_of
-from grasp_trl.modules import num_hidden_layers
-from grasp_trl.trainer import GraspTrainerMixin
+from grasp_trl.directions import DirectionSet, sha256_of
+from grasp_trl.trainer import GraspTrainerMixin, check_layers
 
 from .args import GraspArgs, grasp_arguments
 
@@ -47,14 +45,6 @@ def with_grasp(trainer):
     return trainer
 
 
-def check_layers(layers, model) -> None:
-    """`grasp_layers` against the loaded model, before any training step (stage 1 included)."""
-    count = num_hidden_layers(model)
-    bad = sorted(l for l in layers or () if not 0 <= l < count)
-    if bad:
-        raise ValueError(f"grasp_layers: {bad} out of range for a model with {count} layers (0..{count - 1})")
-
-
 class GraspPlugin(BasePlugin):
     """Axolotl plugin: `grasp: true` plus the `grasp_*` keys (declared by `GraspArgs`)."""
 
@@ -75,7 +65,6 @@ class GraspPlugin(BasePlugin):
         if not cfg.get("grasp") and cfg.get("grasp_drift_steps") is None:
             return
         grasp_args = grasp_arguments(cfg)
-        check_layers(grasp_args.grasp_layers, trainer.model)
         with_grasp(trainer).grasp_setup(grasp_args)
         self.trainer = trainer
         if grasp_args.grasp_enabled:
@@ -87,13 +76,14 @@ class GraspPlugin(BasePlugin):
             LOG.warning("GRASP drift monitor only (no projection) on %s", type(trainer).__name__)
 
     def post_train(self, cfg, model):
-        """Copy the direction file next to the final adapter. Idempotent: Axolotl calls this twice."""
+        """Write the direction file that was projected (the bytes read at install, not whatever is on disk now)
+        next to the final adapter. Idempotent: Axolotl calls this twice."""
         trainer = self.trainer
         if trainer is None or trainer.grasp_projector is None or not trainer.is_world_process_zero():
             return
-        source = Path(trainer.grasp_directions.source)
+        directions = trainer.grasp_directions
         target = Path(cfg["output_dir"]) / DIRECTIONS_FILENAME
-        if target.is_file() and (target.samefile(source) or sha256_of(target) == sha256_of(source)):
+        if target.is_file() and sha256_of(target) == directions.sha256:
             return
-        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+        directions.write_recorded(target)
         LOG.info("GRASP: direction file written to %s", target)

@@ -10,6 +10,7 @@ front ends accept and reject exactly the same values with the same messages.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import typing
 
@@ -25,6 +26,18 @@ _YAML_TYPES = {"grasp_target_modules": dict[str, str] | str | None}
 TESTED_RL = (None, "dpo")
 
 
+def check_grasp_key_names(keys) -> None:
+    """Raise for a key that starts with `grasp` but is not one the plugin declares, with the closest declared
+    key: Axolotl drops undeclared keys without a word, so `grasp_num_direction: 2` would train with the default
+    k. Called on the raw YAML by the schema (`axolotl train`), `grasp-check` and `grasp-identify` alike."""
+    known = sorted(["grasp", *grasp_field_names()])
+    for key in keys:
+        if isinstance(key, str) and key.startswith("grasp") and key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else f"expected one of {', '.join(known)}"
+            raise ValueError(f"{key}: not a GRASP key ({hint}); Axolotl would drop it and train without it")
+
+
 class _GraspSwitch(BaseModel):
     """`grasp: true` and the checks that span several keys (the per-key checks are `validate_grasp_fields`)."""
 
@@ -32,6 +45,13 @@ class _GraspSwitch(BaseModel):
         "Turn GRASP on. On Axolotl 0.19 it needs `plugins: [axolotl_plugin.GraspPlugin]` in the same YAML: "
         "without it Axolotl drops this key silently and trains without GRASP. Axolotl >= 0.21 loads the plugin "
         "from its entry point without that line."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_key_names(cls, data):
+        if isinstance(data, dict):
+            check_grasp_key_names(data)
+        return data
 
     @model_validator(mode="after")
     def check_grasp_keys(self):

@@ -15,26 +15,55 @@ import click
 import yaml
 
 
+def read_config(config: Path) -> dict:
+    """The YAML mapping in `config`, with every problem Axolotl would hide or turn into a traceback raised as a
+    one-line ValueError naming the file: broken YAML, not a mapping, `plugins:` not a list, an unknown
+    `grasp*` key (with the closest known one)."""
+    from .args import check_grasp_key_names
+
+    try:
+        raw = yaml.safe_load(config.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{config}: not valid YAML{where} ({getattr(exc, 'problem', None) or exc})") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config}: expected a YAML mapping of Axolotl keys; found {type(raw).__name__}")
+    plugins = raw.get("plugins")
+    if plugins is not None and not isinstance(plugins, list):
+        raise ValueError(f"{config}: plugins: expected a list (plugins:\n  - {PLUGIN}); found "
+                         f"{type(plugins).__name__} {plugins!r}")
+    try:
+        check_grasp_key_names(raw)
+    except ValueError as exc:
+        raise ValueError(f"{config}: {exc}") from exc
+    return raw
+
+
 @click.command("grasp-identify")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--adapter", "adapter_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="LoRA adapter directory to identify from (default: the config's output_dir).")
-def grasp_identify(config: Path, adapter_dir: Path | None) -> None:
+@click.option("--overwrite", is_flag=True, help="replace an existing grasp_directions.safetensors / spectrum.json "
+              "in the adapter directory (in a GRASP run's output_dir that file records what was projected)")
+def grasp_identify(config: Path, adapter_dir: Path | None, overwrite: bool) -> None:
     """Extract GRASP directions from the LoRA adapter a naive `axolotl train CONFIG` run saved."""
+    from grasp_trl.config import DIRECTIONS_FILENAME
     from grasp_trl.diagnostics import inspect_report
+    from grasp_trl.directions import check_output
     from grasp_trl.trainer import identify_from
 
     from .args import grasp_arguments
 
     try:
-        raw = yaml.safe_load(config.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{config}: expected a YAML mapping of Axolotl keys; found {type(raw).__name__}")
+        raw = read_config(config)
         if adapter_dir is None and not raw.get("output_dir"):
             raise ValueError(f"{config}: no output_dir to read the adapter from; pass --adapter DIR")
         adapter_dir = adapter_dir or Path(raw["output_dir"])
         if not (adapter_dir / "adapter_config.json").is_file():
             raise ValueError(f"{adapter_dir}: no adapter_config.json: not a saved LoRA adapter directory")
+        for name in (DIRECTIONS_FILENAME, "spectrum.json"):
+            check_output(adapter_dir / name, "", overwrite=overwrite)
         directions = identify_from(adapter_dir, grasp_arguments(raw))
     except (ValueError, OSError) as exc:  # DirectionFileError is a ValueError
         raise click.ClickException(str(exc)) from exc
@@ -73,16 +102,29 @@ def grasp_check(config: Path) -> None:
     """Check a YAML before a long run: are the GRASP keys valid, and will Axolotl load the plugin at all?"""
     from pydantic import ValidationError
 
+    from grasp_trl.directions import DirectionSet
+
     from .args import GraspArgs
 
-    raw = yaml.safe_load(config.read_text()) or {}
+    try:
+        raw = read_config(config)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
     problem = plugin_problem(raw)
     if problem:
         raise click.ClickException(f"{config}: {problem}")
     try:
         args = GraspArgs(**{key: value for key, value in raw.items() if key in GraspArgs.model_fields})
     except ValidationError as exc:
-        raise click.ClickException(f"{config}: {exc}") from exc
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        raise click.ClickException(f"{config}: {f'{where}: ' if where else ''}{message}") from exc
+    if args.grasp and args.grasp_directions:
+        try:
+            DirectionSet.load(args.grasp_directions)
+        except ValueError as exc:
+            raise click.ClickException(f"{config}: grasp_directions: {exc}") from exc
     if not args.grasp:
         click.echo(f"{config}: GRASP is off (no `grasp: true`)")
         return

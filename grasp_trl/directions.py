@@ -49,20 +49,19 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 
 def check_output(path: str | os.PathLike, flag: str, *, reading=(), overwrite: bool = False) -> Path:
-    """Refuse to write `path` (given as `flag`) where that would destroy something: a file the command is
+    """Refuse to write `path` (given as `flag`, or derived when `flag` is empty) where that would destroy something: a file the command is
     reading (`reading`; never allowed, not even with `overwrite`), or an existing file unless `overwrite`.
     Every command that writes a user-named file calls this before any work, so a refusal costs nothing and no
     input or record of a past run is lost."""
     path = Path(path)
-    target = path.resolve()
+    target, named = path.resolve(), f"{flag} {path}" if flag else str(path)
     for source in reading:
         if target == Path(source).resolve():
-            raise FileExistsError(f"{flag} {path}: is the input {source} this command reads; expected a new path")
+            raise FileExistsError(f"{named}: is the input {source} this command reads; expected a new path")
     if path.is_dir():
-        raise IsADirectoryError(f"{flag} {path}: is a directory; expected a file path")
+        raise IsADirectoryError(f"{named}: is a directory; expected a file path")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{flag} {path}: already exists; expected a new path (pass --overwrite to "
-                              "replace it)")
+        raise FileExistsError(f"{named}: already exists; expected a new path (pass --overwrite to replace it)")
     return path
 
 

@@ -127,11 +127,11 @@ class GraspTrainerMixin:
         if not grasp_args.grasp_enabled:
             return
         reject_fsdp(self.args)  # fail at construction, before stage 1 or any FSDP wrapping
-        check_layers(grasp_args.grasp_layers, self.model)
         check_target_modules(self.model, grasp_args.grasp_target_modules)
         if grasp_args.grasp_directions is not None:
             self._grasp_install(DirectionSet.load(grasp_args.grasp_directions))
-        else:
+        else:  # what a direction file's install checks, checked now: stage 1 would train before it
+            check_layers(grasp_args.grasp_layers, self.model)
             if not hasattr(self.model, "peft_config"):
                 raise ValueError("grasp_identify_steps needs a LoRA run to identify from (pass peft_config or a "
                                  "PeftModel); for full fine-tuning, identify with a separate LoRA run and pass "
