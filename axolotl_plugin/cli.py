@@ -31,7 +31,7 @@ def read_config(config: Path) -> dict:
         raise ValueError(f"{config}: expected a YAML mapping of Axolotl keys; found {type(raw).__name__}")
     plugins = raw.get("plugins")
     if plugins is not None and not isinstance(plugins, list):
-        raise ValueError(f"{config}: plugins: expected a list (plugins:\n  - {PLUGIN}); found "
+        raise ValueError(f"{config}: plugins: expected a list such as [{PLUGIN}]; found "
                          f"{type(plugins).__name__} {plugins!r}")
     try:
         check_grasp_key_names(raw)

@@ -51,8 +51,9 @@ def _load_base(name: str):
     """The base causal LM and its tokenizer; any failure becomes one line naming the model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if (os.sep in name or name.startswith(".")) and not os.path.exists(name):
-        raise FileNotFoundError(f"--model {name}: model directory not found")
+    from .train_cli import check_model_name
+
+    check_model_name(name, "--model")
     try:
         model = AutoModelForCausalLM.from_pretrained(name)
         tokenizer = AutoTokenizer.from_pretrained(name)
@@ -290,7 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command in ("sft", "dpo"):  # everything after the command is TRL's, `--help` included
+        args.rest = argv[argv.index(args.command) + 1:]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.run(args)
     except Exception as exc:

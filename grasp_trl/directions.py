@@ -107,6 +107,7 @@ class DirectionSet:
         self.metadata = dict(metadata or {})
         self.source = source
         self._file_bytes = file_bytes  # the bytes `load` parsed: what checkpoints record (see `file_bytes`)
+        self._warned_models: set[str] = set()
         self.bases: dict[int, torch.Tensor] = {}
         sizes = set()
         for layer, basis in sorted(bases.items()):
@@ -195,7 +196,8 @@ class DirectionSet:
             raise DirectionFileError(f"{self.source}: direction file has num_layers={self.num_layers}, "
                                      f"model {name} has num_hidden_layers={model_l}")
         base = self.metadata.get("base_model")
-        if base and name and not _same_model(base, name):
+        if base and name and not _same_model(base, name) and name not in self._warned_models:
+            self._warned_models.add(name)  # once per set and model: several steps of one command validate
             warnings.warn(f"{self.source}: identified on base model {base}, applied to model {name}: directions of "
                           "one base model mean nothing in another (same shapes only)", stacklevel=2)
 

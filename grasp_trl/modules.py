@@ -79,7 +79,8 @@ def check_target_modules(model, target_modules: Mapping[str, Role] | None) -> No
     names = [name for name, _ in model.named_modules() if name]
     unmatched = [pattern for pattern in target_modules if not any(_matches(pattern, name) for name in names)]
     if unmatched:
-        leaves = sorted({_leaf_parts(n)[-1] for n in linear_module_names(model) if _leaf_parts(n)})
+        wrapped = [name for name, module in model.named_modules() if hasattr(module, "base_layer")]  # PEFT's
+        leaves = sorted({_leaf_parts(n)[-1] for n in linear_module_names(model) + wrapped if _leaf_parts(n)})
         raise ValueError(f"grasp_target_modules: {', '.join(map(repr, unmatched))} matches no module of the "
                          f"model; expected a leaf name or regex of its modules (linear leaves: "
                          f"{', '.join(leaves[:20])})")

@@ -7,7 +7,19 @@ TRL's `datasets:` mixture list (e.g. `{path: json, data_files: train.jsonl}` for
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Sequence
+
+# The columns each trainer needs (TRL's formats); data of the other kind fails inside TRL with a bare KeyError.
+PREFERENCE_COLUMNS = ("chosen", "rejected")
+
+
+def check_model_name(name: str, flag: str) -> None:
+    """A `name` written as a local path (it has a separator or starts with '.') must exist: otherwise
+    transformers reports it as a malformed hub id ("Repo id must be in the form ...")."""
+    if (os.sep in name or name.startswith(".")) and not Path(name).exists():
+        raise FileNotFoundError(f"{flag} {name}: model directory not found")
 
 
 def make_parser(kind: str):
@@ -36,6 +48,9 @@ def run_training(kind: str, argv: Sequence[str]) -> None:
 
     trainer_cls = {"sft": GraspSFTTrainer, "dpo": GraspDPOTrainer}[kind]
     argv = checkpointing_flags(list(argv))
+    if not argv:  # TRL's defaults would then fail on an unrelated setting (bf16 on a CPU)
+        raise ValueError(f"expected a CONFIG.yaml (grasp {kind} CONFIG.yaml [--flags]); found no "
+                         f"arguments (grasp {kind} --help lists the flags)")
     if argv and not argv[0].startswith("-"):
         argv = ["--config", argv[0], *argv[1:]]
     parser = make_parser(kind)
@@ -43,6 +58,8 @@ def run_training(kind: str, argv: Sequence[str]) -> None:
     training_args.model_init_kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype,
                                        "trust_remote_code": training_args.trust_remote_code,
                                        "attn_implementation": model_args.attn_implementation}
+    if model_args.model_name_or_path is not None:
+        check_model_name(model_args.model_name_or_path, "model_name_or_path")
     if dataset_args.datasets:
         dataset = get_dataset(dataset_args)
     elif script_args.dataset_name:
@@ -52,6 +69,13 @@ def run_training(kind: str, argv: Sequence[str]) -> None:
                          "[{path: json, data_files: train.jsonl}]")
     if model_args.model_name_or_path is None:
         raise ValueError("model_name_or_path: expected a model id or a local model directory; found none")
+    if script_args.dataset_train_split not in dataset:
+        raise ValueError(f"dataset_train_split: expected one of the data's splits {sorted(dataset)}; found "
+                         f"{script_args.dataset_train_split!r}")
+    columns = dataset[script_args.dataset_train_split].column_names
+    if kind == "dpo" and not set(PREFERENCE_COLUMNS) <= set(columns):
+        raise ValueError(f"{script_args.dataset_name or 'datasets'}: grasp dpo expects preference pairs (columns "
+                         f"'chosen' and 'rejected', optionally 'prompt'); found columns {columns}")
     trainer = trainer_cls(
         model=model_args.model_name_or_path, args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
