@@ -169,6 +169,9 @@ def _import(args) -> None:
     if args.model and num_layers is None:
         from transformers import AutoConfig
 
+        from .train_cli import check_model_name
+
+        check_model_name(args.model, "--model")
         try:
             config = AutoConfig.from_pretrained(args.model)
         except Exception as exc:

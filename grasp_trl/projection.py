@@ -280,12 +280,7 @@ class GradientProjector:
         if self.directions.is_empty:
             self.attached = True
             return self
-        constraints = self._build_constraints() if self.uses_weights else None  # checked before any hook exists
-        if constraints == []:
-            raise ValueError(f"grasp_sides={self.sides}: the LoRA has no {self._side_words()} module in a "
-                             f"block with a direction (layers {sorted(self.directions.bases)}); the weights "
-                             "projection would constrain nothing. Expected LoRA target_modules on that side, "
-                             "or another grasp_sides")
+        constraints = self.check_constrainable()  # before any hook exists
         if self.uses_activations or self.uses_clamp:
             if self.uses_clamp and not hasattr(self.model, "disable_adapter"):
                 raise ValueError("projection='clamp' needs a PEFT (LoRA/QLoRA) model: the base model's forward is "
@@ -410,6 +405,20 @@ class GradientProjector:
         if role == "read" and self.reader_layer == "input":
             layer -= 1
         return layer if layer in self.directions.bases else None
+
+    def check_constrainable(self) -> list[Constraint] | None:
+        """The `weights` constraints (None in other modes), or a ValueError when there are none: with LoRA but no
+        module of the constrained side in a block with a direction, `weights` would constrain nothing. Changes
+        no parameter, so the trainers call it at construction too, before stage 1 trains."""
+        if not self.uses_weights:
+            return None
+        constraints = self._build_constraints()
+        if not constraints:
+            raise ValueError(f"grasp_sides={self.sides}: the LoRA has no {self._side_words()} module in a "
+                             f"block with a direction (layers {sorted(self.directions.bases)}); the weights "
+                             "projection would constrain nothing. Expected LoRA target_modules on that side, "
+                             "or another grasp_sides")
+        return constraints
 
     def _side_words(self) -> str:
         return {"write": "writer", "read": "reader", "both": "writer or reader"}[self.sides]

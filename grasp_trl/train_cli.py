@@ -52,6 +52,8 @@ def run_training(kind: str, argv: Sequence[str]) -> None:
         raise ValueError(f"expected a CONFIG.yaml (grasp {kind} CONFIG.yaml [--flags]); found no "
                          f"arguments (grasp {kind} --help lists the flags)")
     if argv and not argv[0].startswith("-"):
+        if not Path(argv[0]).is_file():
+            raise FileNotFoundError(f"{argv[0]}: config file not found (grasp {kind} CONFIG.yaml [--flags])")
         argv = ["--config", argv[0], *argv[1:]]
     parser = make_parser(kind)
     script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(argv)

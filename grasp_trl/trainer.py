@@ -33,7 +33,7 @@ from .deepspeed import forget_fp32_masters, update_params
 from .directions import DirectionFileError, DirectionSet
 from .drift import GraspDriftCallback, drift_callback_from_args
 from .identify import extract_directions, residual_lora_modules
-from .modules import check_target_modules, num_hidden_layers
+from .modules import check_target_modules, hidden_size, num_hidden_layers
 from .projection import GradientProjector
 from .stopping import GapRule
 
@@ -136,14 +136,34 @@ class GraspTrainerMixin:
                 raise ValueError("grasp_identify_steps needs a LoRA run to identify from (pass peft_config or a "
                                  "PeftModel); for full fine-tuning, identify with a separate LoRA run and pass "
                                  "grasp_directions")
-            if not residual_lora_modules(self.model, include_readers=grasp_args.grasp_include_readers,
-                                         target_modules=grasp_args.grasp_target_modules):
-                side = "writer or reader" if grasp_args.grasp_include_readers else "writer (o_proj/down_proj-like)"
-                raise ValueError(f"grasp_identify_steps: the LoRA has no {side} module in a decoder block, so "
-                                 "stage 1 would have nothing to identify from; expected LoRA target_modules "
-                                 "including them (or grasp_include_readers: true)")
+            self._grasp_check_identifiable()
             self._grasp_initial_adapter = {name: p.detach().clone() for name, p in self.model.named_parameters()
                                            if p.requires_grad}
+
+    def _grasp_check_identifiable(self) -> None:
+        """What stage 1's identification and stage 2's install would refuse, refused before stage 1 trains: no
+        LoRA module to identify from, `k` above the LoRA rank available, `weights` with nothing to constrain."""
+        grasp_args = self.grasp_args
+        modules = residual_lora_modules(self.model, include_readers=grasp_args.grasp_include_readers,
+                                        target_modules=grasp_args.grasp_target_modules)
+        if not modules:
+            side = "writer or reader" if grasp_args.grasp_include_readers else "writer (o_proj/down_proj-like)"
+            raise ValueError(f"grasp_identify_steps: the LoRA has no {side} module in a decoder block, so "
+                             "stage 1 would have nothing to identify from; expected LoRA target_modules "
+                             "including them (or grasp_include_readers: true)")
+        ranks: dict[int, int] = {}
+        for _, module, adapter, layer, _ in modules:
+            ranks[layer] = ranks.get(layer, 0) + module.lora_A[adapter].weight.shape[0]
+        rank, where = ((sum(ranks.values()), "the stacked update") if grasp_args.grasp_scope == "global" else
+                       min((r, f"block {l}") for l, r in ranks.items()))
+        if grasp_args.grasp_energy is None and grasp_args.grasp_num_directions > rank:
+            raise ValueError(f"grasp_num_directions: k={grasp_args.grasp_num_directions} directions asked, but the "
+                             f"LoRA update of {where} has total rank {rank}; expected k <= {rank}")
+        placeholder = DirectionSet.random(hidden_size(self.model), num_hidden_layers(self.model), 1,
+                                          layers=grasp_args.grasp_layers)
+        GradientProjector(self.model, placeholder, grasp_args.grasp_projection, grasp_args.grasp_sides,
+                          reader_layer=grasp_args.grasp_reader_layer,
+                          target_modules=grasp_args.grasp_target_modules).check_constrainable()
 
     # --------------------------------------------------------------------------------------- projection
     def _grasp_install(self, directions: DirectionSet) -> None:

@@ -275,3 +275,42 @@ def test_bad_input_fails_before_training(base, directions_file, tmp_path):
     with pytest.raises(DirectionFileError, match=r"grasp_layers: \[5\] out of range"):
         run("sft", base, tmp_path, train=False, grasp_directions=str(directions_file), grasp_layers=[5])
     assert not any(tmp_path.glob("checkpoint-*"))
+
+
+def test_checkpoints_record_the_directions_projected_even_if_the_file_changes(base, directions_file, tmp_path):
+    """The direction file is read once, at install: regenerating it mid-run changes neither what is projected nor
+    what checkpoints and the output record, and each checkpoint's trainer_state.json holds its sha256."""
+    import hashlib
+    import shutil
+
+    path = tmp_path / "d.safetensors"
+    shutil.copyfile(directions_file, path)
+    projected = path.read_bytes()
+
+    class Regenerate(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                random_directions(32, 2, k=1, seed=11).save(path)
+
+    trainer = run("sft", base, tmp_path / "out", steps=4, train=False, grasp_directions=str(path),
+                  save_strategy="steps", save_steps=2)
+    trainer.add_callback(Regenerate())
+    trainer.train()
+    trainer.save_model()
+    assert path.read_bytes() != projected  # the file on disk did change
+    digest = hashlib.sha256(projected).hexdigest()
+    for where in (tmp_path / "out" / "checkpoint-2", tmp_path / "out" / "checkpoint-4", tmp_path / "out"):
+        assert (where / DIRECTIONS_FILENAME).read_bytes() == projected, where
+    state = json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["GraspCallback"]["attributes"]["directions_sha256"] == digest
+    trainer.create_model_card(model_name="tiny")
+    assert digest in (tmp_path / "out" / "README.md").read_text()
+    (tmp_path / "out" / "checkpoint-2" / DIRECTIONS_FILENAME).write_bytes(path.read_bytes())  # replaced by hand
+    resumed = run("sft", base, tmp_path / "out", steps=4, train=False, grasp_directions=str(directions_file))
+    with pytest.raises(DirectionFileError, match="trainer_state.json records .* the file beside the checkpoint was "
+                                                 "replaced"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    (tmp_path / "out" / "checkpoint-2" / DIRECTIONS_FILENAME).unlink()
+    with pytest.raises(DirectionFileError, match=f"checkpoint-2: no {DIRECTIONS_FILENAME}: the checkpoint does not "
+                                                 "record the directions"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
