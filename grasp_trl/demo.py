@@ -16,13 +16,24 @@ from pathlib import Path
 
 DEMO_METHODS = ("base", "naive", "grasp-default", "caft-identified", "caft-supervised", "random-activations")
 DEMO_SEEDS = (0, 1, 2)
+OUTPUTS = ("organism.png", "organism.json", "directions.safetensors")
 
 
 def check_output_dir(output_dir: Path) -> None:
-    """Fail before any training when the output directory cannot be written."""
+    """Fail before any training (minutes of it) when the outputs could not be written at the end: the directory
+    is a file or not writable, or an output's path is taken by a directory."""
+    from .directions import check_output
+
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output-dir {output_dir}: is a file; expected a directory")
+    for parent in output_dir.parents:  # mkdir would name only the first missing path
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f"--output-dir {output_dir}: {parent} is a file; expected a directory")
     output_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(output_dir, os.W_OK):
-        raise PermissionError(f"{output_dir}: output directory is not writable")
+        raise PermissionError(f"--output-dir {output_dir}: output directory is not writable")
+    for name in OUTPUTS:  # replaced on every run (a demo's outputs are regenerated), but never a directory
+        check_output(output_dir / name, "--output-dir", overwrite=True)
 
 
 def run_demo(output_dir: str | Path = "outputs/demo", *, seeds=DEMO_SEEDS, cache_dir: str | Path | None = None,

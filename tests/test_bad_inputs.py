@@ -82,6 +82,9 @@ def world(tmp_path_factory):
     w["full_rank"] = root / "full_rank.pt"
     (root / "blocker").write_text("a file, not a directory")
     w["blocker"] = root / "blocker"
+    w["demo_dir"] = root / "demo"
+    (w["demo_dir"] / "organism.png").mkdir(parents=True)  # taken by a directory: the plot could not be saved
+    (w["demo_dir"] / "organism.png" / "keep").write_text("")
     w["prompts"] = root / "prompts.jsonl"
     w["prompts"].write_text("".join(json.dumps({"prompt": f"w00{i} w01{i} w02{i}"}) + "\n" for i in range(8)))
     w["sft_data"] = root / "sft_data"
@@ -282,6 +285,12 @@ CASES = [
     grasp("sft-missing-model-dir", ["sft", "--model_name_or_path", "{root}/no_model", "--dataset_name", "{sft_data}",
                                     "--output_dir", "{root}/outputs/sft", "--use_cpu", "true", "--bf16", "false"],
           ["model_name_or_path {root}/no_model", "model directory not found"], absent=["Repo id"]),
+    grasp("demo-output-dir-is-a-file", ["demo", "--output-dir", "{blocker}"],
+          ["--output-dir {blocker}", "is a file", "expected a directory"]),
+    grasp("demo-output-under-a-file", ["demo", "--output-dir", "{blocker}/demo"],
+          ["--output-dir {blocker}/demo", "is a file"]),
+    grasp("demo-output-taken-by-a-directory", ["demo", "--output-dir", "{demo_dir}"],
+          ["--output-dir {demo_dir}/organism.png", "is a directory"]),
     grasp("dpo-on-sft-data", ["dpo", "--model_name_or_path", "{base}", "--dataset_name", "{sft_data}",
                               "--output_dir", "{root}/outputs/dpo", "--use_cpu", "true", "--bf16", "false"],
           ["{sft_data}", "'chosen' and 'rejected'", "found columns"]),
