@@ -49,10 +49,10 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 
 def check_output(path: str | os.PathLike, flag: str, *, reading=(), overwrite: bool = False) -> Path:
-    """Refuse to write `path` (given as `flag`, or derived when `flag` is empty) where that would destroy something: a file the command is
-    reading (`reading`; never allowed, not even with `overwrite`), or an existing file unless `overwrite`.
-    Every command that writes a user-named file calls this before any work, so a refusal costs nothing and no
-    input or record of a past run is lost."""
+    """Refuse to write `path` (given as `flag`; derived from another path when `flag` is empty) where that would
+    destroy something: a file the command is reading (`reading`; never allowed, not even with `overwrite`), or
+    an existing file unless `overwrite`. Every command that writes a user-named file calls this before any work,
+    so a refusal costs nothing and no input or record of a past run is lost."""
     path = Path(path)
     target, named = path.resolve(), f"{flag} {path}" if flag else str(path)
     for source in reading:

@@ -336,7 +336,8 @@ def extract_directions(adapter, k: int = 1, scope: Scope = "per_layer", *, energ
     metadata["hidden_size"] = factors[0].left.shape[0]
     if digest is not None:
         metadata["source_adapter_sha256"] = digest.result()
-    return DirectionSet({l: b.float() for l, b in bases.items()}, num_layers, metadata)
+    return DirectionSet({l: b.float() for l, b in bases.items()}, num_layers, metadata,
+                        source=f"directions identified from {where}")  # what a refusal of the set names
 
 
 def _hash_in_background(path: Path) -> Future:

@@ -41,10 +41,10 @@ needs_axolotl = pytest.mark.skipif(not HAS_AXOLOTL, reason="Axolotl is not insta
 PLUGINS = ["axolotl_plugin.GraspPlugin"]
 
 
-def save_adapter(directory: Path, *, targets=("o_proj", "down_proj"), scale=0.5, poison=False) -> Path:
+def save_adapter(directory: Path, *, targets=("o_proj", "down_proj"), r=2, scale=0.5, poison=False) -> Path:
     """A tiny LoRA adapter: random B (`scale` 0 leaves it untrained: B = 0), or one NaN in layer 1's o_proj B."""
     model = build_model("llama", vocab_size=len(build_tokenizer()), hidden_size=D, num_layers=L, seed=0)
-    model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=list(targets)))
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
     if scale:
         randomise_lora_b(model, seed=0, scale=scale)
     if poison:
@@ -68,6 +68,7 @@ def world(tmp_path_factory):
     w["adapter"] = save_adapter(root / "adapter")
     w["nan_adapter"] = save_adapter(root / "nan_adapter", poison=True)
     w["zero_adapter"] = save_adapter(root / "zero_adapter", scale=0)
+    w["wide_adapter"] = save_adapter(root / "wide_adapter", r=16)  # total rank 64 > hidden size 32
     for step in (5, 10):  # a naive run whose checkpoints diverged, for --auto
         shutil.copytree(w["nan_adapter"], root / "nan_run" / f"checkpoint-{step}")
     w["nan_run"] = root / "nan_run"
@@ -300,6 +301,8 @@ CASES = [
     # 8. Numbers that would make a result meaningless are refused, not clamped.
     grasp("identify-k-above-rank", ["identify", "{adapter}", "-o", "{root}/new.safetensors", "-k", 9],
           ["{adapter}", "k=9", "total rank 8"]),
+    grasp("identify-k-equals-hidden-size", ["identify", "{wide_adapter}", "-o", "{root}/new.safetensors", "-k", D],
+          ["directions identified from {wide_adapter}", "k < hidden_size", f"({D}, {D})"]),
     grasp("identify-max-k-0", ["identify", "{adapter}", "-o", "{root}/new.safetensors", "--energy", "0.9",
                                "--max-k", 0], ["max_k", "positive integer", "found 0"]),
     library("grasp-energy-true", lambda w: trainer(w, grasp_identify_steps=1, grasp_energy=True), "ValueError",
