@@ -153,7 +153,7 @@ class GraspTrainerMixin:
                              "including them (or grasp_include_readers: true)")
         ranks: dict[int, int] = {}
         for _, module, adapter, layer, _ in modules:
-            ranks[layer] = ranks.get(layer, 0) + module.lora_A[adapter].weight.shape[0]
+            ranks[layer] = ranks.get(layer, 0) + module.r[adapter]  # not the weight: ZeRO-3 may have sharded it
         rank, where = ((sum(ranks.values()), "the stacked update") if grasp_args.grasp_scope == "global" else
                        min((r, f"block {l}") for l, r in ranks.items()))
         if grasp_args.grasp_energy is None and grasp_args.grasp_num_directions > rank:
