@@ -144,3 +144,17 @@ def test_default_world_is_valid_and_grasp_default_cuts_the_drift(tmp_path):
         assert factor >= floor, (row["seed"], factor, expected)
     for grasp, naive in zip(runs["grasp-default"], runs["naive"]):
         assert grasp["task"] >= 0.95 * naive["task"], (grasp["seed"], grasp["task"], naive["task"])
+
+
+def test_speeds_half_way_steps_and_plot(tmp_path):
+    """The half-way steps of `benchmarks.organism.speeds` on hand-made curves: DRIFT peaks early and settles
+    (half of its *final* value counts), TASK rises late from the base's level."""
+    from benchmarks.organism.speeds import half_way_steps, plot
+
+    points = [dict(step=s, drift=d, task=t) for s, d, t in
+              [(10, 0.15, 0.05), (20, 0.5, 0.05), (30, 0.4, 0.2), (40, 0.2, 0.6), (50, 0.2, 0.9)]]
+    assert half_way_steps(points, base_task=0.05) == (10, 40)  # 0.15 >= 0.1 (not >= half the 0.5 peak); 0.55 >= 0.425
+    assert half_way_steps(points, base_task=0.5) == (10, 50)  # gain 0.4: 0.1 at step 40 is short of 0.2
+    result = {"world": "hand-made", "bases": {0: [dict(seed=0, stop_step=30, points=points)]}}
+    plot(result, tmp_path / "speeds.png")
+    assert (tmp_path / "speeds.png").stat().st_size > 0
