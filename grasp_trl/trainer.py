@@ -115,7 +115,8 @@ class GraspTrainerMixin:
         self._grasp_initial_adapter = None
         if not grasp_args.grasp_enabled:
             return
-        reject_fsdp(self.args)  # fail at construction, before stage 1 or any FSDP wrapping
+        # fail at construction, before stage 1 or any FSDP wrapping
+        reject_fsdp(self.args, getattr(self, "accelerator", None), grasp_args.grasp_projection)
         if grasp_args.grasp_directions is not None:
             self._grasp_install(DirectionSet.load(grasp_args.grasp_directions))
         else:
