@@ -498,6 +498,11 @@ class GradientProjector:
                 else:
                     by_param[key] = Constraint(name, param, basis, dim, owner=module, attr=attr)
         for constraint in by_param.values():
+            if constraint.param.is_meta:
+                raise ValueError(f"{constraint.name} is on the meta device (FSDP's cpu_ram_efficient_loading loads "
+                                 "the model on rank 0 only): weights projection of full fine-tuning must capture "
+                                 "the pretrained component U^T W0 on every rank; set "
+                                 "fsdp_cpu_ram_efficient_loading: false (or use LoRA)")
             constraint.anchor = constraint.component(full_fp32(constraint.param)).detach().clone()
         if not by_param:
             raise ValueError("weights projection found nothing to constrain: no LoRA layer and no trainable "

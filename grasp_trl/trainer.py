@@ -126,6 +126,10 @@ class GraspTrainerMixin:
                                  "grasp_directions")
             self._grasp_initial_adapter = {name: p.detach().clone() for name, p in self.model.named_parameters()
                                            if p.requires_grad}
+            if any(value.is_meta for value in self._grasp_initial_adapter.values()):
+                raise ValueError("grasp_identify_steps: the adapter is on the meta device on this rank (FSDP's "
+                                 "cpu_ram_efficient_loading), so stage 2 could not restart from its initial values; "
+                                 "set fsdp_cpu_ram_efficient_loading: false, or pass grasp_directions")
 
     # --------------------------------------------------------------------------------------- projection
     def _grasp_install(self, directions: DirectionSet) -> None:

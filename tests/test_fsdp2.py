@@ -233,3 +233,29 @@ def test_grad_hooks_are_refused_on_dtensor_parameters(monkeypatch):
     monkeypatch.setattr(GradientProjector, "_sharded", lambda self: True)
     with pytest.raises(ValueError, match="grad_hooks=False.*project_gradients"):
         projector.attach()
+
+
+def test_fsdp2_recipe_launches_what_grasp_accepts(monkeypatch, tmp_path):
+    """recipes/accelerate/fsdp2.yaml starts with its launch command, and the environment `accelerate launch`
+    derives from it (accelerate's own parser and env builder) is FSDP2, which GRASP accepts."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    from transformers import TrainingArguments
+
+    from distributed.launch import REPO
+    from grasp_trl.callbacks import reject_fsdp
+
+    recipe = REPO / "recipes" / "accelerate" / "fsdp2.yaml"
+    lines = recipe.read_text().splitlines()
+    assert lines[0].startswith("# Launch") and "accelerate launch --config_file recipes/accelerate/fsdp2.yaml" in lines[1]
+    args = launch_command_parser().parse_args(["--config_file", str(recipe), "train.py"])
+    args = _validate_launch_command(args)[0]
+    env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2", env
+    for key, value in env.items():
+        if key.startswith(("FSDP_", "ACCELERATE_USE_FSDP")):
+            monkeypatch.setenv(key, value)
+    reject_fsdp(TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]), projection="both")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="FSDP1"):
+        reject_fsdp(TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))

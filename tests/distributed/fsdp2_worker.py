@@ -61,7 +61,9 @@ def build(run: dict, directions):
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                                  target_modules=SEVEN_MODULES))
     if run.get("checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from grasp_trl.compat import enable_checkpointing
+
+        enable_checkpointing(model, use_reentrant=False)
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     model.train()
