@@ -119,12 +119,6 @@ def _add(a, b):
 
 
 @torch.no_grad()
-def full_tensor(x) -> torch.Tensor:
-    """The whole tensor (a collective all-gather for a DTensor; diagnostics and anchors only)."""
-    return x.full_tensor() if is_dtensor(x) else x
-
-
-@torch.no_grad()
 def copy_full_into_(x, value: torch.Tensor) -> None:
     """Write the whole-tensor `value` into DTensor `x`: each rank copies its own block."""
     local = x.to_local()

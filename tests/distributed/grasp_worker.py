@@ -134,6 +134,25 @@ def fsdp_args(run: dict) -> dict:
     return {"fsdp": "full_shard", "fsdp_config": config}
 
 
+def save_gathered_adapter(trainer, target: Path) -> None:
+    """The LoRA tensors of accelerate's full-state-dict gather (`get_state_dict`, collective), written by rank 0
+    as a PEFT adapter directory: what `save_model` writes, independently of PEFT's saving (which on
+    transformers 5.24 / peft 0.21 writes no tensor when accelerate's FSDP activation checkpointing wrapped the
+    layers; plain TRL shows the same)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.args.should_save:
+        adapter = {key.replace(".default.weight", ".weight").replace("._checkpoint_wrapped_module", ""):
+                   value.float().contiguous() for key, value in state.items()
+                   if ".lora_" in key and ".default." in key}  # the trained adapter (DPO also holds "ref")
+        target.mkdir(parents=True, exist_ok=True)
+        save_file(adapter, str(target / "adapter_model.safetensors"))
+        shutil.copyfile(target.parent / "adapter_config.json", target / "adapter_config.json")
+
+
 def train_one(spec: dict, run: dict) -> dict:
     from accelerate.state import AcceleratorState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -176,6 +195,8 @@ def train_one(spec: dict, run: dict) -> dict:
     seconds = time.perf_counter() - start
     master_leakage = trainer.grasp_projector.leakage()  # reads DeepSpeed's fp32 master where there is one
     trainer.save_model()
+    if FSDP2:
+        save_gathered_adapter(trainer, out / "gathered")
     result = {"name": run["name"], "seconds": seconds, "master_leakage": master_leakage,
               "log_history": trainer.state.log_history,
               "engine": type(trainer.model_wrapped).__name__,
