@@ -540,12 +540,8 @@ class GradientProjector:
 
     def _rebind(self) -> None:
         """Follow parameters replaced since `attach()` (FSDP2 wrapping); regroup when any changed."""
-        changed = [c.rebind() for c in self.constraints]
-        if any(changed):
+        if any([c.rebind() for c in self.constraints]):
             self.groups = group_constraints(self.constraints)
-            for c in self.monitored:
-                if c not in self.constraints:
-                    c.rebind()
 
     def _sharded(self) -> bool:
         """True when the constrained parameters are FSDP2 DTensors (all or none: FSDP2 shards a whole model)."""
