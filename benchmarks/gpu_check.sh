@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for GRASP (at most ~8 minutes on one NVIDIA GPU, no network needed).
+# GPU check for GRASP (at most ~10 minutes on one NVIDIA GPU, no network needed).
 #
 # Run from the repository root on a machine with an NVIDIA GPU and the project's venv installed:
 #     bash benchmarks/gpu_check.sh [OUTPUT_DIR]      # default: $OUT if set, else benchmarks/gpu_check_out
@@ -9,6 +9,9 @@
 # 2. QLoRA (CUDA bitsandbytes nf4, bf16 compute): plain SFTTrainer vs GraspSFTTrainer in `activations` and
 #    `weights` mode, 30 steps each, same data and seed.
 # 3. DeepSpeed ZeRO-2 and ZeRO-3 on one GPU (torchrun, NCCL), bf16 base + LoRA: the same three runs.
+# 4. FSDP2 on one GPU (torchrun, NCCL; accelerate's `fully_shard` per Qwen2DecoderLayer and on the root, bf16
+#    mixed precision, PEFT's fp32 LoRA factors as DTensors): the same three runs. Added with the FSDP2 support
+#    (tests/test_fsdp2.py, CPU ranks); not yet run on a GPU when written.
 # Every run checks the invariant of its mode: `activations` — a probe hook registered after GRASP's records
 # max ||g U|| / ||g|| of the gradient leaving every block during training (bound: 1e-2 in bf16);
 # `weights` — the projector's leakage ||U^T dW|| / ||dW|| after training (fp32 LoRA factors; bound 1e-5).
@@ -99,7 +102,11 @@ def make_trainer(variant, directions_path):
     common = dict(output_dir=f"/tmp/gpu_check_{SETTING}_{variant}", max_steps=STEPS, learning_rate=1e-4,
                   per_device_train_batch_size=SIZE.batch_size, max_length=SIZE.seq_len, logging_steps=10,
                   save_strategy="no", report_to=[], seed=0, bf16=True, disable_tqdm=True)
-    if SETTING in ("zero2", "zero3"):
+    if SETTING == "fsdp2":
+        common["fsdp"] = "full_shard"
+        common["fsdp_config"] = {"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]}
+        model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.bfloat16)
+    elif SETTING in ("zero2", "zero3"):
         common["deepspeed"] = {"bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": "auto",
                                "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
                                "zero_optimization": {"stage": int(SETTING[-1])}}
@@ -179,7 +186,7 @@ BASE="$WORK/base"
 timeout 90 "$PY" "$WORK/check.py" build "$BASE" "$OUT_DIR"
 timeout 150 "$PY" "$WORK/check.py" qlora "$BASE" "$OUT_DIR" 2>&1 | tee "$OUT_DIR/qlora.log" | grep -E "^(qlora|FAILED)" \
   || status=1
-for stage in zero2 zero3; do
+for stage in zero2 zero3 fsdp2; do
   timeout 110 "$TORCHRUN" --standalone --nproc_per_node 1 "$WORK/check.py" "$stage" "$BASE" "$OUT_DIR" 2>&1 \
     | tee "$OUT_DIR/$stage.log" | grep -E "^($stage|FAILED)" || status=1
 done

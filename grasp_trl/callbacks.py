@@ -4,13 +4,11 @@
 already happened inside `accelerator.backward`), and only at gradient-accumulation boundaries, which is when
 the weights changed. That is where `weights` mode restores its constraint exactly.
 
-Engines: single process, DDP and DeepSpeed ZeRO-1/2/3 (with or without offload) are supported; FSDP is
-rejected by `reject_fsdp` (see docs/SUPPORT.md).
+Engines: single process, DDP, DeepSpeed ZeRO-1/2/3 (with or without offload) and FSDP2 are supported; FSDP1
+(and `clamp` under FSDP2) is rejected by `reject_fsdp` (see docs/SUPPORT.md).
 """
 
 from __future__ import annotations
-
-import os
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
@@ -20,16 +18,32 @@ from .projection import GradientProjector
 from .stopping import GapRule, snapshot
 
 
-def reject_fsdp(args) -> None:
-    """Raise when the run uses FSDP: it replaces the model's parameters by flattened/sharded ones of its own, so
-    the per-parameter gradient hooks and the post-step projection of `weights` mode would silently miss them.
-    DeepSpeed ZeRO-3 shards as much and GRASP is exact under it."""
-    fsdp = getattr(args, "fsdp", None)
-    if fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
-        raise ValueError(f"GRASP does not support FSDP (fsdp={fsdp or 'ACCELERATE_USE_FSDP'}): its per-parameter "
-                         "gradient hooks and post-step projection cannot see FSDP's flattened/sharded parameters. "
-                         "For sharded training use DeepSpeed ZeRO-3 instead (deepspeed=recipes/deepspeed/zero3.json "
-                         "or zero3_offload.json; see docs/SUPPORT.md).")
+def reject_fsdp(args, accelerator=None, projection: str | None = None) -> None:
+    """Raise, before any step, when the run uses an FSDP setting GRASP does not support.
+
+    FSDP2 (`fully_shard`, DTensor parameters; transformers' `fsdp_config={"version": 2}`, the default in
+    transformers 5, or accelerate's `FSDP_VERSION=2`) is supported for `activations`, `weights` and `both`:
+    the residual hooks act inside autograd, and `weights` mode projects each rank's shard (`grasp_trl.fsdp`).
+    FSDP1 (flattened `FlatParameter`s) and `clamp` under FSDP2 (untested) are rejected, naming the alternative.
+    The version comes from the accelerator's FSDP plugin when there is one, else from `args` and the
+    environment (`grasp_trl.fsdp.fsdp_version`)."""
+    from .fsdp import fsdp_version
+
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    version = getattr(plugin, "fsdp_version", None) if plugin is not None else fsdp_version(args)
+    if version is None:
+        return
+    if int(version) != 2:
+        fsdp = getattr(args, "fsdp", None)
+        raise ValueError(f"GRASP does not support FSDP1 (fsdp={fsdp or 'ACCELERATE_USE_FSDP'}, version {version}): "
+                         "its flattened parameters hide the per-module LoRA/weight tensors the projection acts on. "
+                         "Use FSDP2 (fsdp_config={'version': 2}; Axolotl: fsdp_version: 2; accelerate: "
+                         "fsdp_version: 2, see recipes/accelerate/fsdp2.yaml) or DeepSpeed ZeRO-3 "
+                         "(deepspeed=recipes/deepspeed/zero3.json; see docs/SUPPORT.md).")
+    if projection == "clamp":
+        raise ValueError("GRASP: grasp_projection='clamp' is not supported under FSDP (its extra base-model "
+                         "forward inside the root forward is untested with fully_shard); use 'activations' or "
+                         "'both' under FSDP2, or clamp under DeepSpeed/single process (see docs/SUPPORT.md).")
 
 
 class GraspCallback(TrainerCallback, ExportableState):
@@ -48,7 +62,7 @@ class GraspCallback(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.projector is not None:
-            reject_fsdp(args)
+            reject_fsdp(args, projection=self.projector.projection)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.projector is not None:

@@ -57,7 +57,12 @@ def managed_by_deepspeed(param: torch.nn.Parameter) -> bool:
 
 @torch.no_grad()
 def full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
-    """The whole parameter in fp32: DeepSpeed's master copy when there is one, else the parameter itself."""
+    """The whole parameter in fp32: DeepSpeed's master copy when there is one, an FSDP2 DTensor gathered
+    (collective: every rank must call it in the same order), else the parameter itself."""
+    from .fsdp import is_dtensor
+
+    if is_dtensor(param):
+        return param.full_tensor().float()
     master = _fp32_master(param)
     if master is not None:
         return master.reshape(getattr(param, "ds_shape", param.shape)).float()
@@ -76,8 +81,13 @@ def update_params(updates: Iterable[tuple[torch.nn.Parameter, Callable[[torch.Te
     Under ZeRO-3 the fp32 gathers are collective: every rank must call this with the same parameters in the
     same order (the projector's constraint list guarantees that).
     """
+    from .fsdp import copy_full_into_, is_dtensor
+
     gathered_updates = []
     for param, fn in updates:
+        if is_dtensor(param):  # FSDP2: gather, compute, each rank writes its own block
+            copy_full_into_(param, fn(param.full_tensor().float()))
+            continue
         master = _fp32_master(param)
         if master is None and not is_zero3(param):
             param.data.copy_(fn(param.data))

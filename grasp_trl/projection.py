@@ -151,6 +151,19 @@ class Constraint:
     dim: int  # 0: rows live in the residual stream; 1: columns do
     anchor: torch.Tensor | None = None  # U^T W0 (dim 0) or W0 U (dim 1); None means zero (LoRA)
     hook: object = field(default=None, repr=False)
+    owner: nn.Module | None = field(default=None, repr=False)  # module holding the parameter (FSDP2 swaps it)
+    attr: str = "weight"
+
+    def rebind(self) -> bool:
+        """Follow the owner's current parameter (FSDP2's `fully_shard` replaces parameters by DTensor ones
+        after the projector attached, e.g. when accelerate prepares the model); True when it changed."""
+        current = getattr(self.owner, self.attr, None) if self.owner is not None else None
+        if current is None or current is self.param:
+            return False
+        self.param = current
+        if self.basis.device != current.device:
+            self.basis = self.basis.to(current.device)
+        return True
 
     def component(self, weight: torch.Tensor) -> torch.Tensor:
         """`U^T W` (dim 0) or `W U` (dim 1) in fp32."""
@@ -297,6 +310,11 @@ class GradientProjector:
         if self.uses_weights:
             self.constraints = constraints
             self.groups = group_constraints(self.constraints)
+            if self.grad_hooks and self._sharded():
+                raise ValueError("weights projection on FSDP2 (DTensor) parameters: FSDP2 assigns the reduced, "
+                                 "sharded gradient to `.grad` directly, so per-parameter gradient hooks never see "
+                                 "it; use GradientProjector(..., grad_hooks=False) and call project_gradients() "
+                                 "after backward (the Grasp trainers do)")
             for constraint in self.constraints if self.grad_hooks else ():
                 constraint.hook = constraint.param.register_hook(functools.partial(self._project_param_grad,
                                                                                    constraint))
@@ -456,12 +474,10 @@ class GradientProjector:
             basis_layer = self._layer_for(role, layer)
             if basis_layer is None:
                 continue
-            if role == "write":
-                param, dim = module.lora_B[adapter].weight, 0
-            else:
-                param, dim = lora_a[adapter].weight, 1
+            owner = module.lora_B[adapter] if role == "write" else lora_a[adapter]
+            param, dim = owner.weight, 0 if role == "write" else 1
             constraints.append(Constraint(f"{name}.{'lora_B' if role == 'write' else 'lora_A'}", param,
-                                          self._basis(basis_layer, param.device), dim))
+                                          self._basis(basis_layer, param.device), dim, owner=owner))
         return constraints if seen_lora else None
 
     def _full_constraints(self) -> list[Constraint]:
@@ -489,19 +505,24 @@ class GradientProjector:
             is_embedding = isinstance(module, nn.Embedding) or item.layer is None
             transposed = type(module).__name__ == "Conv1D"  # GPT-2 stores (in, out)
             residual_on_rows = (item.role == "write") != transposed and not is_embedding
-            targets = [(item.name + ".weight", weight, 0 if residual_on_rows else 1)]
+            targets = [(item.name + ".weight", weight, 0 if residual_on_rows else 1, "weight")]
             bias = getattr(module, "bias", None)
             if item.role == "write" and isinstance(bias, nn.Parameter) and bias.requires_grad and not is_embedding:
-                targets.append((item.name + ".bias", bias, 0))
-            for name, param, dim in targets:
+                targets.append((item.name + ".bias", bias, 0, "bias"))
+            for name, param, dim, attr in targets:
                 basis = self._basis(basis_layer, param.device)
                 key = (id(param), dim)
                 if key in by_param:  # tied weights: constrain the union of both bases
                     merged = torch.linalg.qr(torch.cat([by_param[key].basis, basis], dim=1))[0]
                     by_param[key].basis, by_param[key].name = merged, by_param[key].name + "+" + name
                 else:
-                    by_param[key] = Constraint(name, param, basis, dim)
+                    by_param[key] = Constraint(name, param, basis, dim, owner=module, attr=attr)
         for constraint in by_param.values():
+            if constraint.param.is_meta:
+                raise ValueError(f"{constraint.name} is on the meta device (FSDP's cpu_ram_efficient_loading loads "
+                                 "the model on rank 0 only): weights projection of full fine-tuning must capture "
+                                 "the pretrained component U^T W0 on every rank; set "
+                                 "fsdp_cpu_ram_efficient_loading: false (or use LoRA)")
             constraint.anchor = constraint.component(full_fp32(constraint.param)).detach().clone()
         if not by_param:
             raise ValueError("weights projection found nothing to constrain: no LoRA layer and no trainable "
@@ -520,6 +541,14 @@ class GradientProjector:
         call after backward, before clipping and the optimizer step). No-op otherwise."""
         if self.grad_hooks:
             return
+        self._rebind()
+        if self._sharded():
+            from .fsdp import project_dtensors_
+
+            items = [(c.param.grad, c.basis, c.dim, None) for c in self.constraints if c.param.grad is not None]
+            if items:
+                self._record_weight_grads(*project_dtensors_(items, stats=True))
+            return
         for group in self.groups:
             grads = [c.param.grad for c in group.constraints]
             if all(g is not None for g in grads):
@@ -528,6 +557,23 @@ class GradientProjector:
             for constraint, grad in zip(group.constraints, grads):  # some factor got no gradient this step
                 if grad is not None:
                     self._record_weight_grads(*project_stack_([grad], constraint.basis, constraint.dim))
+
+    def _rebind(self) -> None:
+        """Follow parameters replaced since `attach()` (FSDP2 wrapping); regroup when any changed."""
+        if any([c.rebind() for c in self.constraints]):
+            self.groups = group_constraints(self.constraints)
+
+    def _sharded(self) -> bool:
+        """True when the constrained parameters are FSDP2 DTensors (all or none: FSDP2 shards a whole model)."""
+        from .fsdp import is_dtensor
+
+        sharded = [is_dtensor(c.param) for c in self.constraints]
+        if any(sharded) and not all(sharded):
+            names = [c.name for c, s in zip(self.constraints, sharded) if not s][:3]
+            raise ValueError(f"weights projection: some constrained parameters are FSDP2 DTensors and some are not "
+                             f"(plain: {names}); apply fully_shard to every block holding a constrained parameter "
+                             "(and to the root)")
+        return bool(sharded) and sharded[0]
 
     def _record_weight_grads(self, total: torch.Tensor, removed: torch.Tensor) -> None:
         if not self.uses_activations:  # in `both` mode the residual hooks report the removed share
@@ -543,6 +589,13 @@ class GradientProjector:
         if not self.constraints:
             return
         from .deepspeed import managed_by_deepspeed, update_params
+
+        self._rebind()
+        if self._sharded():  # FSDP2: each rank projects its own shard (see fsdp.py)
+            from .fsdp import project_dtensors_
+
+            project_dtensors_([(c.param, c.basis, c.dim, c.anchor) for c in self.constraints])
+            return
 
         if any(managed_by_deepspeed(c.param) for c in self.constraints):
             update_params([(c.param, c.projected) for c in self.constraints])
@@ -562,8 +615,9 @@ class GradientProjector:
 
         result = {}
         for constraint in self.monitored:
-            weight = full_fp32(constraint.param)
+            constraint.rebind()
             if constraint.anchor is not None:
+                weight = full_fp32(constraint.param)
                 excess = constraint.component(weight) - constraint.anchor
                 result[constraint.name] = float(excess.norm() / weight.norm().clamp_min(1e-30))
                 continue

@@ -126,7 +126,8 @@ class GraspTrainerMixin:
         self._grasp_initial_adapter = None
         if not grasp_args.grasp_enabled:
             return
-        reject_fsdp(self.args)  # fail at construction, before stage 1 or any FSDP wrapping
+        # fail at construction, before stage 1 or any FSDP wrapping
+        reject_fsdp(self.args, getattr(self, "accelerator", None), grasp_args.grasp_projection)
         check_target_modules(self.model, grasp_args.grasp_target_modules)
         if grasp_args.grasp_directions is not None:
             self._grasp_install(DirectionSet.load(grasp_args.grasp_directions))
@@ -139,6 +140,10 @@ class GraspTrainerMixin:
             self._grasp_check_identifiable()
             self._grasp_initial_adapter = {name: p.detach().clone() for name, p in self.model.named_parameters()
                                            if p.requires_grad}
+            if any(value.is_meta for value in self._grasp_initial_adapter.values()):
+                raise ValueError("grasp_identify_steps: the adapter is on the meta device on this rank (FSDP's "
+                                 "cpu_ram_efficient_loading), so stage 2 could not restart from its initial values; "
+                                 "set fsdp_cpu_ram_efficient_loading: false, or pass grasp_directions")
 
     def _grasp_check_identifiable(self) -> None:
         """What stage 1's identification and stage 2's install would refuse, refused before stage 1 trains: no

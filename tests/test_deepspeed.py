@@ -16,7 +16,7 @@ Tolerances (measured on this box, see docs/SUPPORT.md):
 * Without the fp32-master projection (the `bypass` runs) the master leaks > 1e-3, and so does the adapter
   consolidated from the DeepSpeed checkpoint (measured 0.13); the master-leakage checks above would fail.
 
-The launched tests are marked `distributed` and `slow`; the FSDP rejection check is fast. On a fresh virtual
+The launched tests are marked `distributed` and `slow`; the FSDP1 rejection check is fast. On a fresh virtual
 environment the first launch also JIT-builds DeepSpeed's CPU communication op (4-5 minutes on 2 cores), kept
 in `<venv>/torch_extensions` afterwards.
 """
@@ -213,12 +213,15 @@ def test_without_master_projection_the_checkpoint_leaks(runs, name, tmp_path):
             assert leakage > 1e-3, (run, leakage)
 
 
-def test_fsdp_is_rejected_with_deepspeed_as_the_alternative(tmp_path):
+def test_fsdp1_is_rejected_with_fsdp2_and_deepspeed_as_the_alternatives(tmp_path, monkeypatch):
+    """FSDP1 stays rejected (FSDP2 is supported: tests/test_fsdp2.py)."""
     from transformers import TrainingArguments
 
     from grasp_trl.callbacks import reject_fsdp
 
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     reject_fsdp(TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))  # no FSDP: fine
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], fsdp="full_shard")
-    with pytest.raises(ValueError, match="FSDP.*DeepSpeed ZeRO-3.*zero3.json"):
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], fsdp="full_shard",
+                             fsdp_config={"version": 1})
+    with pytest.raises(ValueError, match="FSDP1.*FSDP2.*DeepSpeed ZeRO-3.*zero3.json"):
         reject_fsdp(args)

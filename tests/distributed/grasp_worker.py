@@ -4,6 +4,7 @@ Launched by tests/test_deepspeed.py and tests/test_qlora.py, because starting to
 costs far more than the tiny runs themselves:
 
     torchrun --nproc_per_node 2 tests/distributed/grasp_worker.py RUNS.json   # DeepSpeed ZeRO, 2 CPU ranks
+    GRASP_WORKER_ENGINE=fsdp2 torchrun --nproc_per_node 2 ... RUNS.json      # FSDP2 through accelerate
     python tests/distributed/grasp_worker.py RUNS.json                        # single-process references
 
 RUNS.json: {"base_dir": ..., "directions": ..., "runs": [{...}, ...]}; each run writes its final adapter (or
@@ -17,7 +18,13 @@ master leakage DeepSpeed holds at the end, timing). Run keys:
     project in one train() call, global scope, instead of the shared direction file), zero_init (load the model after a
     ZeRO-3 config, i.e. partitioned while loading), checkpoint (save a checkpoint, DeepSpeed's included, after
     the last step), bypass_master (skip writing the fp32 master in the post-step projection, to show that it
-    matters).
+    matters); fsdp_config (with GRASP_WORKER_ENGINE=fsdp2: the run's `fsdp_config`, version 2 by default).
+
+FSDP2 on CPU: accelerate selects `DistributedType.FSDP` only for accelerator device types (accelerate/state.py:
+the FSDP branch sits under `elif self.distributed_type in [MULTI_GPU, MULTI_MLU, ...]`, which MULTI_CPU is not
+in), so a CPU run with `fsdp` set trains as plain MULTI_CPU. `force_fsdp_on_cpu` flips that one attribute after
+accelerate built its state; everything after it (accelerate's `fsdp2_prepare_model`: `fully_shard` per
+decoder layer and on the root, FULL_STATE_DICT saving, DTensor gradient clipping) is accelerate's own code.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DISTRIBUTED = int(os.environ.get("WORLD_SIZE", "1")) > 1
-if DISTRIBUTED:  # DESIGN §6: DeepSpeed through accelerate on CPU ranks (set before the PartialState exists)
+FSDP2 = DISTRIBUTED and os.environ.get("GRASP_WORKER_ENGINE") == "fsdp2"
+if DISTRIBUTED and not FSDP2:  # DESIGN §6: DeepSpeed through accelerate on CPU ranks (before the PartialState)
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
 
 import torch  # noqa: E402
@@ -100,6 +108,51 @@ def bypassed_master(enabled: bool):
         ds._fp32_master = original
 
 
+def force_fsdp_on_cpu() -> None:
+    """Let accelerate apply FSDP on CPU ranks: where it built a MULTI_CPU state with an FSDP plugin, make it
+    an FSDP state (see the module docstring for why accelerate does not by itself)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if self.distributed_type == DistributedType.MULTI_CPU and plugin is not None:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # what later states copy
+
+    AcceleratorState.__init__ = init
+
+
+def fsdp_args(run: dict) -> dict:
+    if not FSDP2:
+        return {}
+    config = {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], **run.get("fsdp_config", {})}
+    return {"fsdp": "full_shard", "fsdp_config": config}
+
+
+def save_gathered_adapter(trainer, target: Path) -> None:
+    """The LoRA tensors of accelerate's full-state-dict gather (`get_state_dict`, collective), written by rank 0
+    as a PEFT adapter directory: what `save_model` writes, independently of PEFT's saving (which on
+    transformers 5.24 / peft 0.21 writes no tensor when accelerate's FSDP activation checkpointing wrapped the
+    layers; plain TRL shows the same)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.args.should_save:
+        adapter = {key.replace(".default.weight", ".weight").replace("._checkpoint_wrapped_module", ""):
+                   value.float().contiguous() for key, value in state.items()
+                   if ".lora_" in key and ".default." in key}  # the trained adapter (DPO also holds "ref")
+        target.mkdir(parents=True, exist_ok=True)
+        save_file(adapter, str(target / "adapter_model.safetensors"))
+        shutil.copyfile(target.parent / "adapter_config.json", target / "adapter_config.json")
+
+
 def train_one(spec: dict, run: dict) -> dict:
     from accelerate.state import AcceleratorState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -116,13 +169,13 @@ def train_one(spec: dict, run: dict) -> dict:
         save_strategy="steps" if run.get("checkpoint") else "no", save_steps=run["steps"], report_to=[], seed=0,
         data_seed=0, bf16=run.get("bf16", False), dataloader_num_workers=0,
         **checkpointing_args(run.get("gradient_checkpointing", False), use_reentrant=False),
-        deepspeed=deepspeed_config(run), grasp_projection=run["projection"], disable_tqdm=True,
+        deepspeed=deepspeed_config(run), grasp_projection=run["projection"], disable_tqdm=True, **fsdp_args(run),
         # identify-then-project in the same train() call, or the shared direction file
         **({"grasp_identify_steps": run["identify_steps"], "grasp_scope": "global"} if run.get("identify_steps")
            else {"grasp_directions": spec["directions"]}))
     if DISTRIBUTED:
         common["accelerator_config"] = {"use_configured_state": True}
-    if run.get("bf16") or not DISTRIBUTED:
+    if run.get("bf16") or not DISTRIBUTED or FSDP2:
         common["use_cpu"] = True  # transformers refuses bf16 without a GPU otherwise
     size = run["per_device"] * run.get("grad_accum", 1) * int(os.environ.get("WORLD_SIZE", "1"))
     # Built before the config, the model loads whole and DeepSpeed partitions it at start; with `zero_init`
@@ -142,9 +195,13 @@ def train_one(spec: dict, run: dict) -> dict:
     seconds = time.perf_counter() - start
     master_leakage = trainer.grasp_projector.leakage()  # reads DeepSpeed's fp32 master where there is one
     trainer.save_model()
+    if FSDP2:
+        save_gathered_adapter(trainer, out / "gathered")
     result = {"name": run["name"], "seconds": seconds, "master_leakage": master_leakage,
               "log_history": trainer.state.log_history,
               "engine": type(trainer.model_wrapped).__name__,
+              "distributed_type": str(trainer.accelerator.state.distributed_type),
+              "param_types": sorted({type(p).__name__ for p in trainer.model.parameters()}),
               "zero_stage": getattr(trainer.accelerator.state.deepspeed_plugin, "zero_stage", None),
               "trainable_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad})}
     if residual is not None:
@@ -153,10 +210,20 @@ def train_one(spec: dict, run: dict) -> dict:
         after = quantized_state(trainer.model)
         result["quantized_modules"] = len({key.split(".weight")[0] for key in after})
         result["quantized_unchanged"] = all(torch.equal(quantized_before[k], after[k]) for k in after)
+    if FSDP2:  # every rank's own view (the residual probe is per rank), beside rank 0's result.json
+        result["checkpoint_wrapped"] = any("_checkpoint_wrapped_module" in n for n, _ in trainer.model.named_modules())
+        result["placements"] = sorted({str(tuple(c.param.placements)) for c in trainer.grasp_projector.constraints})
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"result.rank{trainer.args.process_index}.json").write_text(json.dumps(result, indent=1, default=str))
     if trainer.args.should_save:
         (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
     trainer.accelerator.free_memory()
     unset_hf_deepspeed_config()  # the next run's model must load unpartitioned again
+    if FSDP2:  # what accelerate itself decided for this CPU process group; the next run's state flips it again
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType
+
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_CPU
     AcceleratorState._reset_state()  # keeps the process group; lets the next run bring its own DeepSpeed config
     return result
 
@@ -205,7 +272,9 @@ def main(path: str) -> None:
     if DISTRIBUTED:
         from accelerate import PartialState
 
-        PartialState(backend="gloo")
+        if FSDP2:
+            force_fsdp_on_cpu()
+        PartialState(backend="gloo", cpu=FSDP2)
     from transformers import AutoTokenizer
 
     spec["tokenizer"] = AutoTokenizer.from_pretrained(spec["base_dir"])

@@ -16,6 +16,7 @@ from grasp_trl.directions import DirectionSet
 from grasp_trl.verify import saved_adapter_leakage
 
 WORKER = Path(__file__).with_name("grasp_worker.py")
+FSDP2_WORKER = Path(__file__).with_name("fsdp2_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes" / "deepspeed"
 
@@ -36,23 +37,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(spec: dict, workdir: Path, distributed: bool, timeout: int = 900) -> dict[str, dict]:
-    """Run the worker on `spec` (2 torchrun ranks, or one plain process); return each run's result.json."""
+def run_worker(worker: Path, spec: dict, workdir: Path, distributed: bool, timeout: int = 900,
+               env: dict | None = None) -> None:
+    """Run `worker` on `spec` (2 torchrun ranks, or one plain process); raise with the log's tail on failure."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec_file = workdir / "runs.json"
     spec_file.write_text(json.dumps(spec, indent=1))
     if distributed:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                   "--master_port", str(free_port()), str(WORKER), str(spec_file)]
+                   "--master_port", str(free_port()), str(worker), str(spec_file)]
     else:
-        command = [sys.executable, str(WORKER), str(spec_file)]
+        command = [sys.executable, str(worker), str(spec_file)]
     log = workdir / "worker.log"
     with log.open("w") as handle:
-        completed = subprocess.run(command, env=environment(), cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                                   timeout=timeout)
+        completed = subprocess.run(command, env={**environment(), **(env or {})}, cwd=REPO, stdout=handle,
+                                   stderr=subprocess.STDOUT, timeout=timeout)
     if completed.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({completed.returncode}); last lines of {log}:\n"
                              + "\n".join(log.read_text().splitlines()[-40:]))
+
+
+def launch(spec: dict, workdir: Path, distributed: bool, timeout: int = 900, engine: str | None = None
+           ) -> dict[str, dict]:
+    """Run grasp_worker.py on `spec` (2 torchrun ranks under DeepSpeed, or FSDP2 with `engine="fsdp2"`, or one
+    plain process); return each run's result.json."""
+    run_worker(WORKER, spec, workdir, distributed, timeout, {"GRASP_WORKER_ENGINE": engine} if engine else None)
     return {run["name"]: json.loads((Path(run["out_dir"]) / run["name"] / "result.json").read_text())
             for run in spec["runs"]}
 

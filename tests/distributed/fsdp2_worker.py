@@ -1,0 +1,291 @@
+"""GRASP under FSDP2 (`torch.distributed.fsdp.fully_shard`): several runs in one launch, each checked on every rank.
+
+Launched by tests/test_fsdp2.py (start-up dominates the tiny runs):
+
+    torchrun --nproc_per_node 2 tests/distributed/fsdp2_worker.py SPEC.json
+
+Why not through the HF Trainer: on a CPU-only machine accelerate never selects FSDP (docs/SUPPORT.md, "FSDP2");
+so each run is the loop a Trainer with FSDP2 runs, written out: a tiny model (PEFT LoRA, or full fine-tuning),
+the projector attached *before* `fully_shard` (the trainers' order: it must follow the parameters FSDP2
+replaces), `fully_shard` on every decoder block and on the root, then per step forward/backward on this rank's
+half of the global batch, `project_gradients()` (sharded `.grad`), gradient clipping, AdamW, and
+`project_parameters()` (skipped with `bypass`).
+
+On every rank the same run is also trained without FSDP on the whole global batch (the single-process
+reference), and the worker records, per rank, in `<out_dir>/<name>/rank<R>.json`:
+* `residual_leakage`: max `||g U|| / ||g||` over the gradients leaving each hooked residual (a probe hook
+  registered after GRASP's), and how many it saw;
+* `grad_leakage`: after `project_gradients()`, max over constrained factors of the gathered gradient's
+  relative component along U (writers `||U^T G||/||G||`, readers `||G U||/||G||`);
+* `leakage`: the projector's `leakage()` on the sharded model (gathers the factors);
+* `distance`: max per-tensor `||W_fsdp - W_ref|| / ||W_ref - W_init||` over the trainable tensors, gathered;
+* `placements`: the placements seen on the constrained parameters;
+and rank 0 saves the gathered adapter (`get_model_state_dict(full_state_dict=True)`, what accelerate's
+FULL_STATE_DICT uses) as a PEFT adapter directory `<out_dir>/<name>/adapter/`, or the full model's tensors.
+
+Run keys: name, arch (qwen2/llama), projection, steps, r, lr, full (full fine-tuning), shard_dim (0: FSDP2's
+default `Shard(0)`; 1: `shard_placement_fn` -> `Shard(1)`), checkpointing (HF non-reentrant gradient
+checkpointing), attach_after (attach the projector after sharding instead), bypass (no post-step projection).
+A run named "dtensor_unit" instead checks `project_dtensors_` on random DTensors of uneven shapes and several
+placements against the dense formula.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
+from conftest import SEVEN_MODULES, random_directions  # noqa: E402
+
+HIDDEN, LAYERS, VOCAB, ROWS, SEQ = 32, 2, 100, 8, 16
+
+
+def build(run: dict, directions):
+    from peft import LoraConfig, get_peft_model
+
+    from grasp_trl.tiny import build_model
+
+    model = build_model(run.get("arch", "qwen2"), vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, seed=0)
+    if not run.get("full"):
+        torch.manual_seed(0)
+        r = run.get("r", 3)
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                                 target_modules=SEVEN_MODULES))
+    if run.get("checkpointing"):
+        from grasp_trl.compat import enable_checkpointing
+
+        enable_checkpointing(model, use_reentrant=False)
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def residual_probe(model, directions):
+    """Max `||g U|| / ||g||` of the gradient leaving each hooked block (registered after the projector's)."""
+    from grasp_trl.modules import decoder_blocks
+
+    stats = {"max": 0.0, "count": 0}
+
+    def record(layer, grad):
+        g = grad.float().reshape(-1, grad.shape[-1])
+        ratio = float((g @ directions.bases[layer]).norm() / g.norm().clamp_min(1e-30))
+        stats["max"], stats["count"] = max(stats["max"], ratio), stats["count"] + 1
+
+    def on_output(layer, module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            hidden.register_hook(lambda grad: record(layer, grad))
+
+    blocks = decoder_blocks(model)
+    for layer in directions.bases:
+        blocks[layer].register_forward_hook(lambda m, a, o, layer=layer: on_output(layer, m, a, o))
+    return stats
+
+
+def shard(model, shard_dim: int):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    from grasp_trl.modules import decoder_blocks
+
+    kwargs = {"shard_placement_fn": (lambda param: Shard(1) if param.ndim == 2 else Shard(0))} if shard_dim else {}
+    for block in decoder_blocks(model):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def gathered(model) -> dict[str, torch.Tensor]:
+    """Every trainable tensor, whole, by FSDP2's own full-state-dict gather."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+    return {k: v.detach().float().clone() for k, v in state.items() if k in trainable}
+
+
+def grad_leakage(projector) -> float:
+    worst = 0.0
+    for c in projector.constraints:
+        grad = c.param.grad
+        if grad is None:
+            continue
+        full = (grad.full_tensor() if hasattr(grad, "full_tensor") else grad).float()
+        full = full.reshape(full.shape[0], -1)
+        along = c.basis.T @ full if c.dim == 0 else full @ c.basis
+        worst = max(worst, float(along.norm() / full.norm().clamp_min(1e-30)))
+    return worst
+
+
+def train(run: dict, directions, batch, *, distributed: bool) -> dict:
+    """One run; `distributed`: FSDP2 on this rank's half of the batch, else the whole batch unsharded."""
+    from grasp_trl.projection import GradientProjector
+
+    model = build(run, directions)
+    initial = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    projector = GradientProjector(model, directions, run["projection"], grad_hooks=False)
+    if not (distributed and run.get("attach_after")):
+        projector.attach()
+    if distributed:
+        shard(model, run.get("shard_dim", 0))
+        if run.get("attach_after"):
+            projector.attach()
+    probe = residual_probe(model, directions) if projector.uses_activations else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=run.get("lr", 1e-2), weight_decay=0.0)
+    if distributed:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        per = ROWS // world
+        batch = batch[rank * per:(rank + 1) * per]
+    worst_grad, losses = 0.0, []
+    for _ in range(run["steps"]):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        projector.project_gradients()
+        if projector.uses_weights:
+            worst_grad = max(worst_grad, grad_leakage(projector))
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if not run.get("bypass"):
+            projector.project_parameters()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    result = {"losses": losses, "leakage": projector.leakage(), "grad_leakage": worst_grad}
+    if probe is not None:
+        result["residual_leakage"], result["residual_gradients_seen"] = probe["max"], probe["count"]
+    if distributed:
+        result["placements"] = sorted({str(tuple(c.param.placements)) for c in projector.constraints})
+        result["constrained"] = len(projector.constraints)
+        result["dtensor_grads"] = all(type(c.param.grad).__name__ == "DTensor" for c in projector.constraints
+                                      if c.param.grad is not None)
+    result["tensors"] = gathered(model) if distributed else {n: p.detach().float().clone()
+                                                              for n, p in model.named_parameters() if p.requires_grad}
+    result["initial"] = initial
+    result["model"] = model
+    return result
+
+
+def save_adapter(model, tensors: dict[str, torch.Tensor], target: Path) -> None:
+    from safetensors.torch import save_file
+
+    target.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "peft_config"):
+        adapter = {k.replace(".default.weight", ".weight"): v.contiguous() for k, v in tensors.items()
+                   if ".lora_" in k}
+        save_file(adapter, str(target / "adapter_model.safetensors"))
+        model.peft_config["default"].save_pretrained(str(target))
+    else:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(target / "model.safetensors"))
+
+
+def one_run(run: dict, out: Path, directions, batch) -> None:
+    rank = dist.get_rank()
+    fsdp = train(run, directions, batch, distributed=True)
+    reference = train(run, directions, batch, distributed=False)
+    distance = 0.0
+    assert fsdp["tensors"].keys() == reference["tensors"].keys()
+    for key, expected in reference["tensors"].items():
+        change = float((expected - reference["initial"][key]).norm())
+        if change > 0:
+            distance = max(distance, float((fsdp["tensors"][key] - expected).norm()) / change)
+    result = {k: v for k, v in fsdp.items() if k not in ("tensors", "initial", "model")}
+    result.update(name=run["name"], rank=rank, distance=distance, reference_leakage=reference["leakage"],
+                  reference_losses=reference["losses"])
+    if fsdp["model"] is not None and not hasattr(fsdp["model"], "peft_config"):  # full fine-tuning
+        result["full_leakage"] = full_leakage(reference["model"], directions, fsdp["tensors"], fsdp["initial"])
+    target = out / run["name"]
+    target.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        save_adapter(fsdp["model"], fsdp["tensors"], target / "adapter")
+    (target / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
+
+
+def full_leakage(plain_model, directions, trained, initial) -> float:
+    """Max over anchored constraints of `||U^T (W - W0)|| / ||W - W0||` (or `(W - W0) U`), gathered tensors."""
+    from grasp_trl.projection import GradientProjector
+
+    constraints = GradientProjector(plain_model, directions, "weights", grad_hooks=False)._full_constraints()
+    worst = 0.0
+    for c in constraints:
+        key = c.name.split("+")[0]
+        delta = trained[key] - initial[key]
+        worst = max(worst, float(c.component(delta).norm() / delta.norm().clamp_min(1e-30)))
+    return worst
+
+
+def dtensor_unit(out: Path) -> None:
+    """`project_dtensors_` vs the dense formula on random DTensors: uneven shapes, Shard(0)/Shard(1)/Replicate,
+    a 2-D (replicate x shard) mesh, a 1-D bias, anchors; and the number of all-reduces it issues."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import grasp_trl.fsdp as fsdp
+    from grasp_trl.projection import remove_component
+
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    mesh2 = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+    generator = torch.Generator().manual_seed(3)
+    d, k = 33, 2
+    basis = torch.linalg.qr(torch.randn(d, k, generator=generator))[0]
+    cases = []
+    for shape, dim, placements, mesh_ in [
+        ((d, 5), 0, [Shard(0)], mesh), ((d, 5), 0, [Shard(1)], mesh), ((d, 5), 0, [Replicate()], mesh),
+        ((5, d), 1, [Shard(1)], mesh), ((5, d), 1, [Shard(0)], mesh), ((3, d), 1, [Shard(0)], mesh),
+        ((d, 3), 0, [Shard(0)], mesh), ((d,), 0, [Shard(0)], mesh), ((d, 5), 0, [Replicate(), Shard(0)], mesh2),
+        ((7, d), 1, [Replicate(), Shard(1)], mesh2), ((1, d), 1, [Shard(0)], mesh),
+    ]:
+        for anchored in (False, True):
+            full = torch.randn(shape, generator=generator)
+            matrix = full.reshape(shape[0], -1)
+            anchor = None
+            if anchored:
+                anchor = torch.randn((k, matrix.shape[1]) if dim == 0 else (matrix.shape[0], k), generator=generator)
+            expected = remove_component(matrix.clone(), basis, dim, anchor)[0].reshape(shape)
+            cases.append((distribute_tensor(full.clone(), mesh_, placements), dim, anchor, expected,
+                          f"{shape} dim{dim} {placements}{' anchored' if anchored else ''}"))
+    calls = []
+    original = dist.all_reduce
+    dist.all_reduce = lambda tensor, *a, **kw: (calls.append(tensor.numel()), original(tensor, *a, **kw))[1]
+    try:
+        fsdp.project_dtensors_([(x, basis, dim, anchor) for x, dim, anchor, _, _ in cases])
+    finally:
+        dist.all_reduce = original
+    errors = {label: float((x.full_tensor() - expected).abs().max()) for x, _, _, expected, label in cases}
+    local_sizes = {label: list(x.to_local().shape) for x, _, _, _, label in cases}
+    result = {"rank": dist.get_rank(), "max_error": max(errors.values()), "errors": errors,
+              "local_shapes": local_sizes, "all_reduce_calls": len(calls), "all_reduce_numel": calls}
+    target = out / "dtensor_unit"
+    target.mkdir(parents=True, exist_ok=True)
+    (target / f"rank{dist.get_rank()}.json").write_text(json.dumps(result, indent=1))
+
+
+def main(path: str) -> None:
+    torch.set_num_threads(1)
+    spec = json.loads(Path(path).read_text())
+    dist.init_process_group("gloo")
+    out = Path(spec["out_dir"])
+    directions = random_directions(HIDDEN, LAYERS, k=2, seed=1)
+    batch = torch.randint(4, VOCAB, (ROWS, SEQ), generator=torch.Generator().manual_seed(5))
+    try:
+        for run in spec["runs"]:
+            if run["name"] == "dtensor_unit":
+                dtensor_unit(out)
+            else:
+                one_run(run, out, directions, batch)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
