@@ -227,6 +227,7 @@ def test_generation_through_an_openai_compatible_server(eval_models, questions, 
 
 
 def test_axolotl_grasp_eval_passes_the_flags_through(eval_models, questions, tmp_path):
+    pytest.importorskip("axolotl", reason="Axolotl is not installed (the CI leg `newest` has none)")
     from click.testing import CliRunner
 
     from axolotl_plugin.cli import grasp_eval

@@ -83,7 +83,8 @@ def main(argv=None) -> None:
     import torch
 
     from grasp_organism.lab import Lab
-    from grasp_organism.report import base_config, save_json
+    from grasp_organism.report import base_config
+    from grasp_trl.directions import atomic_write
     from grasp_organism.world import OrganismConfig, default_config_path
 
     torch.set_num_threads(1)
@@ -103,7 +104,8 @@ def main(argv=None) -> None:
     result["gap_median"] = statistics.median(gaps)
     print(f"TASK half-way minus DRIFT half-way: median {result['gap_median']} steps, range {min(gaps)}-{max(gaps)}")
     if args.json:
-        save_json(result, args.json)
+        text = json.dumps(result, indent=1, allow_nan=False)
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
     if args.plot:
         plot(result, args.plot)
 
