@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from conftest import random_directions
-from distributed.launch import (RECIPES, launch, relative_distance, saved_leakage, trained_tensors,
+from distributed.launch import (RECIPES, launch, relative_distance, saved_leakage, trained_tensors, worker_spec,
                                 zero_checkpoint_adapter)
 from grasp_trl.config import DIRECTIONS_FILENAME
 from grasp_trl.directions import DirectionSet
@@ -108,13 +108,8 @@ def runs(tmp_path_factory):
     directions.save(root / "directions.safetensors")
     out = root / "out"
 
-    def spec(table, per_device_default):
-        runs = []
-        for name, entry in table.items():
-            settings = entry[0] if isinstance(entry, tuple) else entry
-            runs.append({"name": name, "out_dir": str(out), "steps": STEPS, "per_device": per_device_default,
-                         **settings})
-        return {"base_dir": str(base), "directions": str(root / "directions.safetensors"), "runs": runs}
+    def spec(table, per_device):
+        return worker_spec(base, root / "directions.safetensors", out, table, STEPS, per_device)
 
     zero = launch(spec({**ZERO_RUNS, **EXTRA_RUNS}, 4), root / "zero_launch", distributed=True)
     single = launch(spec(REFERENCES, 8), root / "single_launch", distributed=False)

@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 
 from conftest import random_directions
-from distributed.launch import FSDP2_WORKER, launch, relative_distance, run_worker, saved_leakage, trained_tensors
+from distributed.launch import (FSDP2_WORKER, launch, relative_distance, run_worker, saved_leakage,
+                                trained_tensors, worker_spec)
 from grasp_trl.config import DIRECTIONS_FILENAME
 from grasp_trl.directions import DirectionSet
 from grasp_trl.tiny import save_tiny_model
@@ -98,13 +99,8 @@ def trainer_runs(tmp_path_factory):
     random_directions(32, 2, k=2, seed=1).save(root / "directions.safetensors")
     out = root / "out"
 
-    def spec(table, per_device_default):
-        runs = []
-        for name, entry in table.items():
-            settings = entry[0] if isinstance(entry, tuple) else entry
-            runs.append({"name": name, "out_dir": str(out), "steps": TRAINER_STEPS, "per_device": per_device_default,
-                         **settings})
-        return {"base_dir": str(base), "directions": str(root / "directions.safetensors"), "runs": runs}
+    def spec(table, per_device):
+        return worker_spec(base, root / "directions.safetensors", out, table, TRAINER_STEPS, per_device)
 
     fsdp = launch(spec(TRAINER_RUNS, 4), root / "fsdp_launch", distributed=True, engine="fsdp2")
     single = launch(spec(REFERENCES, 8), root / "single_launch", distributed=False)

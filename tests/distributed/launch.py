@@ -57,6 +57,15 @@ def run_worker(worker: Path, spec: dict, workdir: Path, distributed: bool, timeo
                              + "\n".join(log.read_text().splitlines()[-40:]))
 
 
+def worker_spec(base_dir: Path, directions: Path, out_dir: Path, table: dict, steps: int,
+                per_device: int) -> dict:
+    """grasp_worker.py's input: every run of `table` (name -> settings, or (settings, ...) tuples whose first
+    item is the settings) on one base model and direction file, `steps` steps, `per_device` unless a run says."""
+    runs = [{"name": name, "out_dir": str(out_dir), "steps": steps, "per_device": per_device,
+             **(entry[0] if isinstance(entry, tuple) else entry)} for name, entry in table.items()]
+    return {"base_dir": str(base_dir), "directions": str(directions), "runs": runs}
+
+
 def launch(spec: dict, workdir: Path, distributed: bool, timeout: int = 900, engine: str | None = None
            ) -> dict[str, dict]:
     """Run grasp_worker.py on `spec` (2 torchrun ranks under DeepSpeed, or FSDP2 with `engine="fsdp2"`, or one
