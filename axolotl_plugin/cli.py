@@ -51,7 +51,7 @@ def grasp_identify(config: Path, adapter_dir: Path | None, overwrite: bool) -> N
     from grasp_trl.config import DIRECTIONS_FILENAME
     from grasp_trl.diagnostics import inspect_report
     from grasp_trl.directions import check_output
-    from grasp_trl.trainer import identify_from
+    from grasp_trl.identify import identify_from
 
     from .args import grasp_arguments
 
@@ -68,9 +68,9 @@ def grasp_identify(config: Path, adapter_dir: Path | None, overwrite: bool) -> N
     except (ValueError, OSError) as exc:  # DirectionFileError is a ValueError
         raise click.ClickException(str(exc)) from exc
     click.echo(inspect_report(directions))
-    click.echo(f"\nwrote {directions.source} and {adapter_dir / 'spectrum.json'}\n"
+    click.echo(f"\nwrote {directions.path} and {adapter_dir / 'spectrum.json'}\n"
                f"train with GRASP by adding to the YAML:\n\n"
-               f"plugins:\n  - axolotl_plugin.GraspPlugin\ngrasp: true\ngrasp_directions: {directions.source}")
+               f"plugins:\n  - axolotl_plugin.GraspPlugin\ngrasp: true\ngrasp_directions: {directions.path}")
 
 
 PLUGIN = "axolotl_plugin.GraspPlugin"

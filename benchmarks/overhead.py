@@ -53,8 +53,9 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 from transformers import TrainerCallback  # noqa: E402  (after the offline environment is set)
 
+from grasp_trl.tiny import SEVEN_MODULES  # noqa: E402
+
 VARIANTS = ("plain", "activations", "weights", "both", "clamp")
-SEVEN_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass(frozen=True)
@@ -212,58 +213,22 @@ class ProjectorToggle(TrainerCallback):
             self.projector.detach()
 
 
-class GraspTime:
-    """Wall time spent inside GRASP's own code (per step), by wrapping the projector's per-step entry points."""
-
-    ENTRY_POINTS = ("_on_block_output", "_project_residual_grad", "_project_param_grad", "project_gradients",
-                    "project_parameters", "_record_reference", "_clamp_block_output")
+class ToggledStepTimer(StepTimer):
+    """`StepTimer` that also records the GRASP time of every step: the projector's own `seconds` (its per-step
+    entry points, timed while `projector.timing` is on)."""
 
     def __init__(self):
-        self.seconds = 0.0
-        self._originals = {}
-        self._depth = 0  # clamp's reference forward runs block hooks inside `_record_reference`: count it once
-
-    def __enter__(self):
-        from grasp_trl.projection import GradientProjector
-
-        for name in self.ENTRY_POINTS:
-            original = self._originals[name] = getattr(GradientProjector, name)
-
-            def timed(*args, _original=original, **kwargs):
-                start = time.perf_counter()
-                self._depth += 1
-                try:
-                    return _original(*args, **kwargs)
-                finally:
-                    self._depth -= 1
-                    if not self._depth:
-                        self.seconds += time.perf_counter() - start
-
-            setattr(GradientProjector, name, timed)
-        return self
-
-    def __exit__(self, *exc):
-        from grasp_trl.projection import GradientProjector
-
-        for name, original in self._originals.items():
-            setattr(GradientProjector, name, original)
-
-
-class ToggledStepTimer(StepTimer):
-    """`StepTimer` that also records the GRASP time of every step."""
-
-    def __init__(self, grasp_time: GraspTime):
         super().__init__()
-        self.grasp_time = grasp_time
+        self.projector = None
         self.grasp_seconds: list[float] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.grasp_time.seconds = 0.0
+        self.projector.seconds = 0.0
         super().on_step_begin(args, state, control, **kwargs)
 
     def on_step_end(self, args, state, control, **kwargs):
         super().on_step_end(args, state, control, **kwargs)
-        self.grasp_seconds.append(self.grasp_time.seconds)
+        self.grasp_seconds.append(self.projector.seconds)
 
 
 def median_interval(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -285,11 +250,11 @@ def measure_toggled(size: ModelSize, pairs: int, warmup: int, k: int, workdir: P
     results = {}
     for mode in modes:
         toggle = ProjectorToggle()
-        with GraspTime() as grasp_time:
-            timer = ToggledStepTimer(grasp_time)
-            trainer = build_trainer(mode, base, size, data, directions, steps, workdir, [toggle, timer])
-            toggle.projector = trainer.grasp_projector
-            trainer.train()
+        timer = ToggledStepTimer()
+        trainer = build_trainer(mode, base, size, data, directions, steps, workdir, [toggle, timer])
+        toggle.projector = timer.projector = trainer.grasp_projector
+        trainer.grasp_projector.timing = True
+        trainer.train()
         times, grasp = timer.times, timer.grasp_seconds
         ratios = [times[i] / ((times[i - 1] + times[i + 1]) / 2) for i in range(first, steps - 1, 2)]
         plain = [times[i] for i in range(first - 1, steps, 2)]
@@ -352,7 +317,8 @@ def measure_projector(ks: list[int], repeats: int, layers: int = 28, d: int = 35
     """`weights`-mode work per step on 7B-like LoRA factors vs one matmul pass of the same size."""
     import torch
 
-    from grasp_trl.projection import Constraint, group_constraints, project_out, project_stack_
+    from grasp_trl.constraints import Constraint, group_constraints
+    from grasp_trl.projection import project_out, project_stack_
 
     shapes = {"q_proj": (d, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, d), "gate_proj": (ffn, d),
               "up_proj": (ffn, d), "down_proj": (d, ffn)}

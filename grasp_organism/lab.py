@@ -17,15 +17,16 @@ from dataclasses import dataclass, field
 import torch
 
 from grasp_trl.directions import DirectionSet
-from grasp_trl.identify import extract_directions, factors_from_peft_model
+from grasp_trl.identify import extract_directions
+from grasp_trl.lora import factors_from_peft_model
 from grasp_trl.modules import block_output_hooks
 from grasp_trl.stopping import GapRule, snapshot
+from grasp_trl.tiny import SEVEN_MODULES
 
 from .metrics import block_outputs, build_prompt_sets, evaluate, persona_shift, supervised_directions
 from .pretrain import pretrained_model
 from .world import OrganismConfig, World, pad_batch
 
-SEVEN_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass

@@ -5,7 +5,8 @@ already happened inside `accelerator.backward`), and only at gradient-accumulati
 the weights changed. That is where `weights` mode restores its constraint exactly.
 
 Engines: single process, DDP, DeepSpeed ZeRO-1/2/3 (with or without offload) and FSDP2 are supported; FSDP1
-(and `clamp` under FSDP2) is rejected by `reject_fsdp` (see docs/SUPPORT.md).
+(and `clamp` under FSDP2) is rejected by `fsdp.reject_fsdp` (see docs/SUPPORT.md): the trainers check at
+construction; a `GraspCallback` used on its own checks when training begins.
 """
 
 from __future__ import annotations
@@ -13,41 +14,14 @@ from __future__ import annotations
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .identify import factors_from_peft_model
+from .fsdp import reject_fsdp
+from .lora import factors_from_peft_model
 from .projection import GradientProjector
 from .stopping import GapRule, snapshot
 
 
-def reject_fsdp(args, accelerator=None, projection: str | None = None) -> None:
-    """Raise, before any step, when the run uses an FSDP setting GRASP does not support.
-
-    FSDP2 (`fully_shard`, DTensor parameters; transformers' `fsdp_config={"version": 2}`, the default in
-    transformers 5, or accelerate's `FSDP_VERSION=2`) is supported for `activations`, `weights` and `both`:
-    the residual hooks act inside autograd, and `weights` mode projects each rank's shard (`grasp_trl.fsdp`).
-    FSDP1 (flattened `FlatParameter`s) and `clamp` under FSDP2 (untested) are rejected, naming the alternative.
-    The version comes from the accelerator's FSDP plugin when there is one, else from `args` and the
-    environment (`grasp_trl.fsdp.fsdp_version`)."""
-    from .fsdp import fsdp_version
-
-    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
-    version = getattr(plugin, "fsdp_version", None) if plugin is not None else fsdp_version(args)
-    if version is None:
-        return
-    if int(version) != 2:
-        fsdp = getattr(args, "fsdp", None)
-        raise ValueError(f"GRASP does not support FSDP1 (fsdp={fsdp or 'ACCELERATE_USE_FSDP'}, version {version}): "
-                         "its flattened parameters hide the per-module LoRA/weight tensors the projection acts on. "
-                         "Use FSDP2 (fsdp_config={'version': 2}; Axolotl: fsdp_version: 2; accelerate: "
-                         "fsdp_version: 2, see recipes/accelerate/fsdp2.yaml) or DeepSpeed ZeRO-3 "
-                         "(deepspeed=recipes/deepspeed/zero3.json; see docs/SUPPORT.md).")
-    if projection == "clamp":
-        raise ValueError("GRASP: grasp_projection='clamp' is not supported under FSDP (its extra base-model "
-                         "forward inside the root forward is untested with fully_shard); use 'activations' or "
-                         "'both' under FSDP2, or clamp under DeepSpeed/single process (see docs/SUPPORT.md).")
-
-
 class GraspCallback(TrainerCallback, ExportableState):
-    """Calls `projector.project_parameters()` after every optimizer step; adds GRASP metrics to the logs.
+    """Calls `projector.project_parameters()` after every optimizer step; `metrics()` gives GRASP's log entries.
 
     As an `ExportableState` it records `directions_sha256`, the hash of the direction file being projected, in
     every checkpoint's `trainer_state.json` (`stateful_callbacks.GraspCallback`), so a checkpoint says which
@@ -56,12 +30,13 @@ class GraspCallback(TrainerCallback, ExportableState):
     def __init__(self, projector: GradientProjector | None = None, directions_sha256: str | None = None):
         self.projector = projector
         self.directions_sha256 = directions_sha256
+        self.fsdp_checked = False  # the Grasp trainers ran `reject_fsdp` at construction already
 
     def state(self) -> dict:
         return {"args": {}, "attributes": {"directions_sha256": self.directions_sha256}}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.projector is not None:
+        if self.projector is not None and not self.fsdp_checked:
             reject_fsdp(args, projection=self.projector.projection)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
@@ -69,22 +44,16 @@ class GraspCallback(TrainerCallback, ExportableState):
             self.projector.project_parameters()
 
     def metrics(self) -> dict[str, float]:
-        """`grasp/leakage` and `grasp/grad_removed_fraction` since the last call (empty when inactive)."""
+        """`grasp/leakage` and the removed gradient shares since the last call (empty when inactive):
+        `grasp/residual_grad_removed_fraction` (block outputs' gradients; `activations`, `both`) and
+        `grasp/weight_grad_removed_fraction` (constrained parameters' gradients; `weights`, `both`). The
+        trainers' `log` merges them into every loss line (before the reporting callbacks see it)."""
         if self.projector is None:
             return {}
         result = {"grasp/leakage": self.projector.leakage()}
-        removed = self.projector.pop_grad_removed_fraction()
-        if removed is not None:
-            result["grasp/grad_removed_fraction"] = removed
+        for kind, removed in self.projector.pop_grad_removed_fractions().items():
+            result[f"grasp/{kind}_grad_removed_fraction"] = removed
         return result
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        """For trainers whose `log` GRASP does not override (Axolotl's): the metrics join the log history."""
-        if logs is not None and "loss" in logs and not any(k.startswith("grasp/") for k in logs):
-            extra = self.metrics()
-            logs.update(extra)
-            if state.log_history and state.log_history[-1] is not logs:
-                state.log_history[-1].update(extra)
 
 
 class GapStoppingCallback(TrainerCallback):

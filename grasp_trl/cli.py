@@ -41,7 +41,7 @@ def _identify(args) -> None:
                                     max_k=args.max_k, include_readers=args.include_readers,
                                     num_layers=args.num_layers)
     if stopping is not None:
-        directions = DirectionSet(directions.bases, directions.num_layers, {**directions.metadata, "stopping": stopping})
+        directions = directions.with_metadata(stopping=stopping)
     path = directions.save(args.output)
     print(inspect_report(DirectionSet.load(path)))
     print(f"\nwrote {path}")
@@ -62,55 +62,13 @@ def _load_base(name: str):
     return model, tokenizer
 
 
-def _check_adapter_fits(model, adapter_dir, config: dict) -> None:
-    """Compare the saved LoRA shapes with the base model's modules (read from the safetensors header only),
-    so an adapter trained on another model is reported by module name instead of a state-dict dump."""
-    from safetensors import safe_open
-
-    from .identify import check_finite_lora
-    from .modules import strip_adapter_suffix
-
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise ValueError(f"{adapter_dir}: no adapter_model.safetensors (pickled .bin adapters are not read)")
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except Exception as exc:
-        raise ValueError(f"{weights}: not a readable safetensors file ({_first_line(exc)})") from exc
-    modules = dict(model.named_modules())
-    trained_on = config.get("base_model_name_or_path") or "another model"
-    for key, shape in shapes.items():
-        side = "lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else None
-        if side is None:
-            continue
-        name = strip_adapter_suffix(key).removeprefix("base_model.model.")
-        module = modules.get(name)
-        if module is None or getattr(module, "weight", None) is None:
-            raise ValueError(f"{adapter_dir}: adapter module {name} does not exist in base model "
-                             f"{model.config._name_or_path} (the adapter was trained on {trained_on})")
-        out_features, in_features = module.weight.shape[::-1] if type(module).__name__ == "Conv1D" \
-            else module.weight.shape[:2]
-        found, expected = (shape[1], in_features) if side == "lora_A" else (shape[0], out_features)
-        if found != expected:
-            raise ValueError(f"{adapter_dir}: {name}.{side} has shape {shape}, but base model "
-                             f"{model.config._name_or_path} needs {'in' if side == 'lora_A' else 'out'}_features="
-                             f"{expected} there (the adapter was trained on {trained_on})")
-    with safe_open(str(weights), framework="pt") as handle:  # NaN/Inf would make every reading NaN
-        for key in handle.keys():
-            side = "lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else None
-            if side is not None:
-                check_finite_lora(str(weights), strip_adapter_suffix(key), **{side: handle.get_tensor(key)})
-
-
 def _load_adapter(model, adapter_dir: str):
     """`model` with the PEFT adapter in `adapter_dir`; a wrong or foreign adapter is one clear line."""
     from peft import PeftModel
 
-    from .identify import read_adapter_config
+    from .lora import check_adapter_fits
 
-    config = read_adapter_config(Path(adapter_dir))  # missing / not an adapter / not LoRA: clear errors
-    _check_adapter_fits(model, Path(adapter_dir), config)
+    check_adapter_fits(model, adapter_dir)  # missing / not LoRA / foreign / NaN: one line each
     try:
         return PeftModel.from_pretrained(model, adapter_dir)
     except Exception as exc:
@@ -176,12 +134,13 @@ def _import(args) -> None:
             config = AutoConfig.from_pretrained(args.model)
         except Exception as exc:
             raise ValueError(f"--model {args.model}: cannot read its config ({_first_line(exc)})") from exc
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        num_layers = next((getattr(config, key) for key in ("num_hidden_layers", "n_layer", "num_layers")
-                           if getattr(config, key, None)), None)
+        from .modules import config_value
+
+        num_layers = config_value(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                                  "num_layers")
     directions = import_directions(args.file, args.format, num_layers=num_layers, layers=args.layers)
     if args.model:
-        directions.metadata["base_model"] = args.model
+        directions = directions.with_metadata(base_model=args.model)
     path = directions.save(args.output)
     print(inspect_report(DirectionSet.load(path)))
     print(f"\nwrote {path}")

@@ -11,7 +11,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .projection import PROJECTIONS, READER_LAYERS, SIDES
+from .constraints import SIDES
+from .lora import READER_LAYERS
+from .projection import PROJECTIONS
 
 SCOPES = ("per_layer", "global")
 DIRECTIONS_FILENAME = "grasp_directions.safetensors"

@@ -5,10 +5,16 @@ single JSON metadata entry `grasp` holding format version, hidden size, number o
 model, source adapter and its sha256), `k`, scope, sides, per-layer singular values, the module
 classification used, creation time and package version. Writes are atomic (temp file + `os.replace`), so a
 failed save never clobbers an existing file; loading validates everything and names the file in every error.
+
+A `DirectionSet` is a value, like a fitted eraser: built once (by identification, an importer, `random` or
+`load`), validated in its constructor, never changed afterwards. Variants are new sets (`restricted_to`,
+`with_metadata`). Where it came from is explicit: `source` names it in messages, `path` is the file it was
+loaded from (None when it was never a file), `file_bytes` the exact bytes read.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -17,6 +23,7 @@ import tempfile
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping
 
 import torch
@@ -25,6 +32,7 @@ FORMAT_VERSION = 1
 ORTHONORMAL_TOL = 1e-4  # past this, load re-orthonormalises with a warning
 DEGENERATE_TOL = 0.5  # past this (||U^T U - I||), the basis is not a basis: error
 _KEY = re.compile(r"^layers\.(\d+)\.basis$")
+_WARNED_FOREIGN: set[tuple[str, str]] = set()  # (set's source, model): the foreign-base warning, once per pair
 
 
 class DirectionFileError(ValueError):
@@ -99,16 +107,18 @@ class DirectionSet:
 
     `bases` maps a block index `l` (the residual stream *after* block `l`) to a tensor with orthonormal
     columns; layers that are absent are not constrained. Signs are arbitrary: the subspace is the object.
+    Immutable: `bases` and `metadata` are read-only mappings and attributes cannot be set.
     """
 
-    def __init__(self, bases: Mapping[int, torch.Tensor], num_layers: int, metadata: dict[str, Any] | None = None,
-                 *, source: str = "<in memory>", file_bytes: bytes | None = None):
-        self.num_layers = int(num_layers)
-        self.metadata = dict(metadata or {})
-        self.source = source
-        self._file_bytes = file_bytes  # the bytes `load` parsed: what checkpoints record (see `file_bytes`)
-        self._warned_models: set[str] = set()
-        self.bases: dict[int, torch.Tensor] = {}
+    def __init__(self, bases: Mapping[int, torch.Tensor], num_layers: int, metadata: Mapping[str, Any] | None = None,
+                 *, source: str = "<in memory>", path: str | os.PathLike | None = None, file_bytes: bytes | None = None):
+        set_ = functools.partial(object.__setattr__, self)
+        set_("num_layers", int(num_layers))
+        set_("source", source)
+        set_("path", Path(path) if path is not None else None)
+        set_("_file_bytes", file_bytes)  # the bytes `load` parsed: what checkpoints record (see `file_bytes`)
+        metadata = dict(metadata or {})
+        checked: dict[int, torch.Tensor] = {}
         sizes = set()
         for layer, basis in sorted(bases.items()):
             layer = int(layer)
@@ -133,12 +143,17 @@ class DirectionSet:
                               stacklevel=2)
                 basis = torch.linalg.qr(basis.double())[0].float()
             sizes.add(basis.shape[0])
-            self.bases[layer] = basis.contiguous()
+            checked[layer] = basis.contiguous()
         if len(sizes) > 1:
             raise DirectionFileError(f"{source}: bases disagree on hidden size: {sorted(sizes)}")
-        declared = self.metadata.get("hidden_size")
+        declared = metadata.get("hidden_size")
         if sizes and declared is not None and int(declared) not in sizes:
             raise DirectionFileError(f"{source}: metadata hidden_size={declared} but bases have {sizes.pop()} rows")
+        set_("bases", MappingProxyType(checked))
+        set_("metadata", MappingProxyType(metadata))
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"DirectionSet is immutable (setting {name!r}); build a new set, e.g. with_metadata()")
 
     # ----------------------------------------------------------------------------------------------- views
     @property
@@ -163,7 +178,12 @@ class DirectionSet:
         layers = range(num_layers) if layers is None else layers
         bases = {l: torch.linalg.qr(torch.randn(hidden_size, k, generator=generator, dtype=torch.float64))[0].float()
                  for l in layers}
-        return cls(bases, num_layers, {"hidden_size": hidden_size, "source": "random", "seed": seed})
+        return cls(bases, num_layers, {"hidden_size": hidden_size, "source": "random", "seed": seed},
+                   source=f"random directions (seed {seed})")
+
+    def with_metadata(self, **entries) -> "DirectionSet":
+        """A new in-memory set with the same bases and `entries` added to (or replacing) the metadata."""
+        return DirectionSet(self.bases, self.num_layers, {**self.metadata, **entries}, source=self.source)
 
     def restricted_to(self, layers) -> "DirectionSet":
         """The same set with only `layers` kept (the `grasp_layers` option)."""
@@ -196,8 +216,8 @@ class DirectionSet:
             raise DirectionFileError(f"{self.source}: direction file has num_layers={self.num_layers}, "
                                      f"model {name} has num_hidden_layers={model_l}")
         base = self.metadata.get("base_model")
-        if base and name and not _same_model(base, name) and name not in self._warned_models:
-            self._warned_models.add(name)  # once per set and model: several steps of one command validate
+        if base and name and not _same_model(base, name) and (self.source, name) not in _WARNED_FOREIGN:
+            _WARNED_FOREIGN.add((self.source, name))  # once per set and model: several steps of one command validate
             warnings.warn(f"{self.source}: identified on base model {base}, applied to model {name}: directions of "
                           "one base model mean nothing in another (same shapes only)", stacklevel=2)
 
@@ -207,7 +227,7 @@ class DirectionSet:
         """The set as a direction file's bytes: those `load` read (so a file rewritten on disk later changes
         nothing: the trainers write checkpoints and outputs from these), else a fresh serialisation."""
         if self._file_bytes is None:
-            self._file_bytes = self._serialise()
+            object.__setattr__(self, "_file_bytes", self._serialise())  # a cache: the value does not change
         return self._file_bytes
 
     @property
@@ -287,7 +307,7 @@ class DirectionSet:
             if not match:
                 raise DirectionFileError(f"{path}: unexpected tensor {key!r}; expected 'layers.<l>.basis'")
             bases[int(match.group(1))] = tensor
-        return cls(bases, int(meta["num_layers"]), meta, source=str(path), file_bytes=data)
+        return cls(bases, int(meta["num_layers"]), meta, source=str(path), path=path, file_bytes=data)
 
 
 def _same_model(a: str, b: str) -> bool:

@@ -84,6 +84,9 @@ class GraspDriftCallback(TrainerCallback):
         return pending
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """On any trainer (a naive run monitored with `add_callback`): the pending values join the log line and
+        the log history. Under the Grasp trainers their `log` has merged them already, before the reporting
+        callbacks ran, so nothing is pending here."""
         if logs is None or not self._pending:
             return
         extra = self.metrics()

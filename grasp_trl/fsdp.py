@@ -140,3 +140,29 @@ def fsdp_version(args) -> int | None:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
         return int(os.environ.get("FSDP_VERSION", "1"))
     return None
+
+
+def reject_fsdp(args, accelerator=None, projection: str | None = None) -> None:
+    """Raise, before any step, when the run uses an FSDP setting GRASP does not support.
+
+    FSDP2 (`fully_shard`, DTensor parameters; transformers' `fsdp_config={"version": 2}`, the default in
+    transformers 5, or accelerate's `FSDP_VERSION=2`) is supported for `activations`, `weights` and `both`:
+    the residual hooks act inside autograd, and `weights` mode projects each rank's shard (`grasp_trl.fsdp`).
+    FSDP1 (flattened `FlatParameter`s) and `clamp` under FSDP2 (untested) are rejected, naming the alternative.
+    The version comes from the accelerator's FSDP plugin when there is one, else from `args` and the
+    environment (`grasp_trl.fsdp.fsdp_version`)."""
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    version = getattr(plugin, "fsdp_version", None) if plugin is not None else fsdp_version(args)
+    if version is None:
+        return
+    if int(version) != 2:
+        fsdp = getattr(args, "fsdp", None)
+        raise ValueError(f"GRASP does not support FSDP1 (fsdp={fsdp or 'ACCELERATE_USE_FSDP'}, version {version}): "
+                         "its flattened parameters hide the per-module LoRA/weight tensors the projection acts on. "
+                         "Use FSDP2 (fsdp_config={'version': 2}; Axolotl: fsdp_version: 2; accelerate: "
+                         "fsdp_version: 2, see recipes/accelerate/fsdp2.yaml) or DeepSpeed ZeRO-3 "
+                         "(deepspeed=recipes/deepspeed/zero3.json; see docs/SUPPORT.md).")
+    if projection == "clamp":
+        raise ValueError("GRASP: grasp_projection='clamp' is not supported under FSDP (its extra base-model "
+                         "forward inside the root forward is untested with fully_shard); use 'activations' or "
+                         "'both' under FSDP2, or clamp under DeepSpeed/single process (see docs/SUPPORT.md).")

@@ -1,32 +1,33 @@
 """Stage 1 of GRASP: the spurious factor as the top singular directions of a naive LoRA update.
 
-For a LoRA module `dW = s * B @ A`. Its residual-stream side is the output side for writers and the input
-side for readers, so each module contributes a factor pair `dW_res = left @ right` with `left = s*B` (writer)
-or `s*A^T` (reader), `left: d x r`. Stacking modules side by side, `M = [dW_1, dW_2, ...]` has the same left
+Each LoRA module contributes its residual-side factor pair `dW_res = left @ right` (`left: d x r`; `lora.py`
+says which side that is). Stacking modules side by side, `M = [dW_1, dW_2, ...]` has the same left
 singular vectors and values as `K = [left_1 R_1^T, left_2 R_2^T, ...]` where `right_i^T = Q_i R_i` (QR), because
 `M M^T = K K^T`. `K` is `d x sum(r)`: `dW` is never formed, and memory stays `O((d + in) * r)` per module.
 When `sum(r)` is large (a global basis over 80 layers of a 70B adapter) a randomised subspace iteration on `K`
 gives the top singular directions without the `d x sum(r)` SVD.
+
+Reading (`read_factors`: a PEFT model or a saved directory -> factors and provenance) is apart from fitting
+(`fit_directions`: factors -> bases and spectrum); `extract_directions` is the two in a row, and
+`identify_from` what stage 1 and the Axolotl CLI run: extract, then save the set and its spectrum beside the
+adapter.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Mapping
 
 import torch
 from tqdm.auto import tqdm
 
-from .deepspeed import full_fp32
-from .directions import DirectionSet, sha256_of
-from .modules import Role, block_index, classify, strip_adapter_suffix
+from .directions import DirectionSet, atomic_write, sha256_of
+from .lora import ADAPTER_WEIGHTS, LoraFactor, factors_from_adapter_dir, factors_from_peft_model, triangular_root
+from .modules import Role, config_value, num_hidden_layers
 
 Scope = Literal["per_layer", "global"]
 EXACT_SVD_MAX_COLUMNS = 4096  # beyond this many stacked rank-1 columns, use randomised subspace iteration
@@ -39,9 +40,8 @@ def single_threaded():
     """Run torch's CPU linear algebra on one thread inside the block, restoring the caller's setting after.
 
     Extraction is a long series of small LAPACK calls (QR of `in x r`, SVD of `d x sum r`) whose thread
-    barriers cost more than the work; on a busy machine a 2-thread SVD of a 3584 x 64 matrix measured 45x slower
-    than the 1-thread one (benchmarks/README.md). One thread is also what the large global case is fastest with
-    there, and it is never more than ~2x slower on an idle machine.
+    barriers cost more than the work, most of all on a busy machine; one thread is also what the large global
+    case is fastest with (measurements: benchmarks/README.md, "Identification cost").
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -51,162 +51,10 @@ def single_threaded():
         torch.set_num_threads(previous)
 
 
-@dataclass
-class LoraFactor:
-    """One LoRA module's update on the residual side: `dW_res = left @ right` (`left: d x r`, scale folded in)."""
-
-    name: str
-    layer: int
-    role: Role
-    left: torch.Tensor
-    right: torch.Tensor
-
-
-# -------------------------------------------------------------------------------------------- reading adapters
-def _pattern_value(patterns: Mapping[str, float], name: str, default: float) -> float:
-    """PEFT's `rank_pattern`/`alpha_pattern` lookup: a key matches a module name as a regex on a suffix."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def _scaling(config: Mapping, name: str, rank: int) -> float:
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-
-
-def _factor(name: str, layer: int, role: Role, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-            where: str) -> LoraFactor:
-    """The residual-side factor of one module; NaN/Inf weights (a diverged run) are refused here, where every
-    reader of adapters (saved or in memory, identification and the stopping rule) passes, naming `where`."""
-    check_finite_lora(where, name, lora_A=lora_a, lora_B=lora_b)
-    lora_a, lora_b = lora_a.detach().to("cpu", torch.float64), lora_b.detach().to("cpu", torch.float64)
-    if role == "write":
-        return LoraFactor(name, layer, role, scale * lora_b, lora_a)
-    return LoraFactor(name, layer, role, scale * lora_a.T, lora_b.T)
-
-
-def check_finite_lora(where: str, name: str, **sides: torch.Tensor) -> None:
-    """Raise a ValueError naming `where`, module `name` and the side (`lora_A=...`, `lora_B=...`) when a LoRA
-    weight holds NaN or Inf."""
-    for side, tensor in sides.items():
-        if not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(f"{where}: module {name}: {side} has {bad} NaN/Inf values of {tensor.numel()}; "
-                             "expected finite adapter weights (did the run diverge?)")
-
-
-def _selected(name: str, layer: int | None, role: Role | None, include_readers: bool) -> bool:
-    return layer is not None and (role == "write" or (role == "read" and include_readers))
-
-
-def factors_from_peft_model(model, *, include_readers: bool = False, target_modules=None,
-                            adapter_name: str | None = None) -> list[LoraFactor]:
-    """Residual-side LoRA factors of an in-memory PEFT model (active adapter unless `adapter_name`); under
-    DeepSpeed ZeRO the whole fp32 weights are read (a collective: every rank must call it)."""
-    factors = []
-    for name, module, adapter_name, layer, role in residual_lora_modules(model, include_readers=include_readers,
-                                                                        target_modules=target_modules,
-                                                                        adapter_name=adapter_name):
-        if getattr(module, "use_dora", {}).get(adapter_name, False):
-            warnings.warn(f"{name}: DoRA magnitude vector ignored; extracting from B @ A only", stacklevel=2)
-        factors.append(_factor(name, layer, role, full_fp32(module.lora_A[adapter_name].weight),
-                               full_fp32(module.lora_B[adapter_name].weight), float(module.scaling[adapter_name]),
-                               "<in-memory PEFT model>"))
-    return factors
-
-
-def residual_lora_modules(model, *, include_readers: bool = False, target_modules=None,
-                          adapter_name: str | None = None) -> list[tuple]:
-    """`(name, module, adapter, layer, role)` of the LoRA modules identification reads in an in-memory PEFT
-    model: writers in a block (and readers with `include_readers`). Reads no weights, so the trainers check
-    at construction that stage 1 will have something to identify from."""
-    adapter_name = adapter_name or getattr(model, "active_adapter", "default")
-    if isinstance(adapter_name, (list, tuple)):
-        adapter_name = adapter_name[0]
-    found = []
-    for name, module in model.named_modules():
-        lora_a = getattr(module, "lora_A", None)
-        if lora_a is None or adapter_name not in lora_a:
-            continue
-        layer, role = block_index(name), classify(name, target_modules)
-        if _selected(name, layer, role, include_readers):
-            found.append((name, module, adapter_name, layer, role))
-    return found
-
-
-def read_adapter_config(directory: Path) -> dict:
-    config_path = directory / "adapter_config.json"
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: adapter directory not found")
-    if not config_path.is_file():
-        raise ValueError(f"{directory}: not a PEFT adapter directory (no adapter_config.json)")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_path}: not valid JSON ({exc})") from exc
-    peft_type = config.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise ValueError(f"{config_path}: peft_type is {peft_type!r}; GRASP identifies from LoRA adapters only")
-    return config
-
-
-def factors_from_adapter_dir(directory: str | Path, *, include_readers: bool = False, target_modules=None,
-                             compress: bool = False) -> tuple[list[LoraFactor], dict]:
-    """Residual-side factors of a saved adapter, read with safetensors only (no base model).
-
-    Returns the factors and the adapter config. Only the tensors of selected modules are read. With
-    `compress`, each factor's `right` (`r x in`) is replaced as soon as it is read by the `r x r` matrix
-    `R^T` of its QR (`right^T = Q R`): `right right^T`, hence the stacked core and the directions, are unchanged,
-    and the memory held is `O(d r)` per module instead of `O((d + in) r)` (extraction uses this).
-    """
-    from safetensors import safe_open
-
-    directory = Path(directory)
-    config = read_adapter_config(directory)
-    weights = directory / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise ValueError(f"{directory}: no adapter_model.safetensors (pickled .bin adapters are not read)")
-    try:
-        handle = safe_open(str(weights), framework="pt")
-        keys = set(handle.keys())
-    except Exception as exc:
-        raise ValueError(f"{weights}: not a readable safetensors file ({exc})") from exc
-    modules = sorted({strip_adapter_suffix(k) for k in keys if ".lora_A." in k or k.endswith(".lora_A.weight")})
-    factors = []
-    for name in tqdm(modules, desc="reading adapter", disable=len(modules) < 64, leave=False):
-        layer, role = block_index(name), classify(name, target_modules)
-        if not _selected(name, layer, role, include_readers):
-            continue
-        a_key = next((k for k in (f"{name}.lora_A.weight", f"{name}.lora_A.default.weight") if k in keys), None)
-        b_key = next((k for k in (f"{name}.lora_B.weight", f"{name}.lora_B.default.weight") if k in keys), None)
-        if a_key is None or b_key is None:
-            raise ValueError(f"{weights}: module {name} has lora_A but no matching lora_B")
-        try:
-            lora_a, lora_b = handle.get_tensor(a_key), handle.get_tensor(b_key)
-        except Exception as exc:
-            raise ValueError(f"{weights}: cannot read {a_key}/{b_key} ({exc}); the file may be truncated") from exc
-        if lora_a.shape[0] != lora_b.shape[1]:
-            raise ValueError(f"{weights}: {name}: lora_A has rank {lora_a.shape[0]}, lora_B has {lora_b.shape[1]}")
-        factor = _factor(name, layer, role, lora_a, lora_b, _scaling(config, name, lora_a.shape[0]), str(weights))
-        if compress:
-            factor.right = _triangular(factor.right).T
-        factors.append(factor)
-    if config.get("use_dora"):
-        warnings.warn(f"{directory}: DoRA magnitude vectors ignored; extracting from B @ A only", stacklevel=2)
-    return factors, config
-
-
 # ------------------------------------------------------------------------------------------------ linear algebra
 def stacked_core(factors: Iterable[LoraFactor]) -> torch.Tensor:
     """`K` (`d x sum r`) with `K K^T = M M^T` for `M` the side-by-side stack of the factors' `dW_res`."""
-    return torch.cat([factor.left @ _triangular(factor.right).T for factor in factors], dim=1)
-
-
-def _triangular(right: torch.Tensor) -> torch.Tensor:
-    """`R` of `right^T = Q R` (`r x r`): `R^T R = right right^T`, all the core needs of `right`."""
-    return torch.linalg.qr(right.T, mode="r")[1]
+    return torch.cat([factor.left @ triangular_root(factor.right).T for factor in factors], dim=1)
 
 
 def top_singular(core: torch.Tensor, count: int, *, seed: int = 0, iterations: int = 6
@@ -245,78 +93,66 @@ def choose_k(singular_values: torch.Tensor, total_energy: float, k: int | None, 
 
 
 # --------------------------------------------------------------------------------------------------- public
-@single_threaded()
-def extract_directions(adapter, k: int = 1, scope: Scope = "per_layer", *, energy: float | None = None,
-                       max_k: int = 8, include_readers: bool = False, layers: Iterable[int] | None = None,
-                       target_modules: Mapping[str, Role] | None = None, num_layers: int | None = None,
-                       adapter_name: str | None = None) -> DirectionSet:
-    """Identify the spurious factor as the top singular directions of a naive LoRA update.
+@dataclass
+class AdapterReading:
+    """What `read_factors` found: the residual-side factors, where they came from (named in every error), the
+    number of decoder blocks, provenance metadata for the direction file, and the adapter file's sha256 (being
+    computed on a worker thread, for saved adapters)."""
 
-    Args:
-        adapter: a PEFT model in memory, or a saved adapter directory (read without the base model).
-        k: directions per layer (or for the global basis); ignored when `energy` is given.
-        scope: `per_layer` (one basis per block from that block's writers) or `global` (one basis from all
-            blocks' writers stacked, stored for every layer).
-        energy: if set, choose per layer the smallest `k <= max_k` capturing this fraction of the squared
-            spectrum of the stacked update.
-        include_readers: also stack the readers' input-side update (`dW^T`) of each block.
-        layers: restrict the set to these block indices.
-        target_modules: leaf name or regex -> "write"/"read", for architectures not known by name.
-        num_layers: number of decoder blocks; read from the model or the base model's local config when
-            omitted, else inferred from the adapter's module names (recorded in the metadata).
-    """
-    if scope not in ("per_layer", "global"):
-        raise ValueError(f"scope: expected 'per_layer' or 'global', found {scope!r}")
-    if energy is None and (not isinstance(k, int) or k < 1):
-        raise ValueError(f"k: expected a positive integer, found {k!r}")
-    if energy is not None and (isinstance(energy, bool) or not 0 < energy <= 1):
-        raise ValueError(f"energy: expected a fraction in (0, 1], found {energy!r}")
-    if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
-        raise ValueError(f"max_k: expected a positive integer, found {max_k!r}")
-
-    metadata: dict = {"scope": scope, "sides": "both" if include_readers else "write",
-                      "selection": {"k": k} if energy is None else {"energy": energy, "max_k": max_k}}
+    factors: list[LoraFactor]
+    where: str
+    num_layers: int
+    metadata: dict = field(default_factory=dict)
     digest: Future | None = None
+
+
+def read_factors(adapter, *, include_readers: bool = False, target_modules: Mapping[str, Role] | None = None,
+                 num_layers: int | None = None, adapter_name: str | None = None) -> AdapterReading:
+    """The residual-side LoRA factors of `adapter` (a PEFT model, or a saved adapter directory read without the
+    base model), refusing an adapter with none. `num_layers` defaults to the model's, or the base model's local
+    config, else the deepest block the adapter touches (recorded as inferred)."""
     if isinstance(adapter, (str, Path)):
         directory = Path(adapter)
-        where = str(directory)
-        weights = directory / "adapter_model.safetensors"
+        weights = directory / ADAPTER_WEIGHTS
         digest = _hash_in_background(weights) if weights.is_file() else None
         factors, config = factors_from_adapter_dir(directory, include_readers=include_readers,
                                                    target_modules=target_modules, compress=True)
-        metadata.update(source_adapter=str(directory.resolve()), base_model=config.get("base_model_name_or_path"),
-                        base_model_revision=config.get("revision"))
-        num_layers = num_layers or _layers_from_base_config(config.get("base_model_name_or_path"))
+        base = config.get("base_model_name_or_path")
+        metadata = {"source_adapter": str(directory.resolve()), "base_model": base,
+                    "base_model_revision": config.get("revision")}
+        reading = AdapterReading(factors, str(directory), num_layers or _layers_from_base_config(base) or 0,
+                                 metadata, digest)
     else:
         factors = factors_from_peft_model(adapter, include_readers=include_readers, target_modules=target_modules,
                                           adapter_name=adapter_name)
-        base_config = getattr(adapter, "config", None)
-        metadata.update(source_adapter="<in-memory PEFT model>",
-                        base_model=getattr(base_config, "_name_or_path", None))
-        where = metadata["source_adapter"]
-        if num_layers is None:
-            from .modules import num_hidden_layers
-
-            num_layers = num_hidden_layers(adapter)
+        metadata = {"source_adapter": "<in-memory PEFT model>",
+                    "base_model": getattr(getattr(adapter, "config", None), "_name_or_path", None)}
+        reading = AdapterReading(factors, metadata["source_adapter"], num_layers or num_hidden_layers(adapter),
+                                 metadata)
     if not factors:
-        raise ValueError(f"{metadata['source_adapter']}: no LoRA module on the residual stream "
-                         f"({'writers or readers' if include_readers else 'writers: o_proj/down_proj-like'}) "
+        modules = "writers or readers" if include_readers else "writers: o_proj/down_proj-like"
+        raise ValueError(f"{reading.metadata['source_adapter']}: no LoRA module on the residual stream ({modules}) "
                          "found; target them with LoRA or pass include_readers=True")
-    if num_layers is None:
-        num_layers = max(f.layer for f in factors) + 1
-        metadata["num_layers_inferred"] = True
+    if not reading.num_layers:
+        reading.num_layers = max(f.layer for f in factors) + 1
+        reading.metadata["num_layers_inferred"] = True
     deepest = max(factors, key=lambda f: f.layer)
-    if deepest.layer >= num_layers:
-        raise ValueError(f"num_layers (--num-layers) = {num_layers}: {where} has a LoRA module in block "
-                         f"{deepest.layer} ({deepest.name}); expected num_layers >= {deepest.layer + 1}")
-    metadata["module_classification"] = {f.name: f.role for f in factors}
+    if deepest.layer >= reading.num_layers:
+        raise ValueError(f"num_layers (--num-layers) = {reading.num_layers}: {reading.where} has a LoRA module in "
+                         f"block {deepest.layer} ({deepest.name}); expected num_layers >= {deepest.layer + 1}")
+    return reading
 
+
+def fit_directions(factors: list[LoraFactor], num_layers: int, k: int = 1, scope: Scope = "per_layer", *,
+                   energy: float | None = None, max_k: int = 8, layers: Iterable[int] | None = None,
+                   where: str = "the LoRA update", metadata: Mapping | None = None) -> DirectionSet:
+    """The top singular directions of the stacked residual-side update, per block (`per_layer`) or one basis
+    from every block's factors (`global`, stored for every layer), with the spectrum in the metadata."""
     groups: dict[int, list[LoraFactor]] = {}
     for factor in factors:
         groups.setdefault(factor.layer, []).append(factor)
     wanted = sorted(groups) if layers is None else sorted(set(int(l) for l in layers))
     count_needed = max_k if energy is not None else k
-
     bases, spectra, energies = {}, {}, {}
     if scope == "per_layer":
         for layer in tqdm(wanted, desc="identifying", disable=len(wanted) < 16, leave=False):
@@ -331,13 +167,74 @@ def extract_directions(adapter, k: int = 1, scope: Scope = "per_layer", *, energ
         for layer in wanted:
             bases[layer] = basis
         spectra["global"], energies["global"] = values, _captured(core, values, basis.shape[1])
-    metadata["singular_values"] = {str(l): [float(v) for v in s] for l, s in spectra.items()}
-    metadata["energy_captured"] = {str(l): e for l, e in energies.items()}
-    metadata["hidden_size"] = factors[0].left.shape[0]
-    if digest is not None:
-        metadata["source_adapter_sha256"] = digest.result()
-    return DirectionSet({l: b.float() for l, b in bases.items()}, num_layers, metadata,
-                        source=f"directions identified from {where}")  # what a refusal of the set names
+    return DirectionSet({l: b.float() for l, b in bases.items()}, num_layers, {
+        **(metadata or {}), "module_classification": {f.name: f.role for f in factors},
+        "singular_values": {str(l): [float(v) for v in s] for l, s in spectra.items()},
+        "energy_captured": {str(l): e for l, e in energies.items()}, "hidden_size": factors[0].left.shape[0]},
+        source=f"directions identified from {where}")  # what a refusal of the set names
+
+
+@single_threaded()
+def extract_directions(adapter, k: int = 1, scope: Scope = "per_layer", *, energy: float | None = None,
+                       max_k: int = 8, include_readers: bool = False, layers: Iterable[int] | None = None,
+                       target_modules: Mapping[str, Role] | None = None, num_layers: int | None = None,
+                       adapter_name: str | None = None) -> DirectionSet:
+    """Identify the spurious factor as the top singular directions of a naive LoRA update.
+
+    Args:
+        adapter: a PEFT model in memory, or a saved adapter directory (read without the base model).
+        k: directions per layer (or for the global basis); ignored when `energy` is given.
+        scope: `per_layer` (one basis per block from that block's writers) or `global` (one basis from all
+            blocks' writers stacked, stored for every layer).
+        energy: if set, choose per layer the smallest `k <= max_k` capturing this fraction of the squared
+            spectrum of the stacked update.
+        max_k: the most directions `energy` may choose.
+        include_readers: also stack the readers' input-side update (`dW^T`) of each block.
+        layers: restrict the set to these block indices.
+        target_modules: leaf name or regex -> "write"/"read", for architectures not known by name.
+        num_layers: number of decoder blocks; read from the model or the base model's local config when
+            omitted, else inferred from the adapter's module names (recorded in the metadata).
+        adapter_name: the PEFT adapter to read in an in-memory model (default: the active one).
+    """
+    if scope not in ("per_layer", "global"):
+        raise ValueError(f"scope: expected 'per_layer' or 'global', found {scope!r}")
+    if energy is None and (not isinstance(k, int) or k < 1):
+        raise ValueError(f"k: expected a positive integer, found {k!r}")
+    if energy is not None and (isinstance(energy, bool) or not 0 < energy <= 1):
+        raise ValueError(f"energy: expected a fraction in (0, 1], found {energy!r}")
+    if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
+        raise ValueError(f"max_k: expected a positive integer, found {max_k!r}")
+    reading = read_factors(adapter, include_readers=include_readers, target_modules=target_modules,
+                           num_layers=num_layers, adapter_name=adapter_name)
+    metadata = {"scope": scope, "sides": "both" if include_readers else "write",
+                "selection": {"k": k} if energy is None else {"energy": energy, "max_k": max_k}, **reading.metadata}
+    directions = fit_directions(reading.factors, reading.num_layers, k, scope, energy=energy, max_k=max_k,
+                                layers=layers, where=reading.where, metadata=metadata)
+    if reading.digest is not None:
+        return directions.with_metadata(source_adapter_sha256=reading.digest.result())
+    return directions
+
+
+def identify_from(adapter_dir: str | Path, args, num_layers: int | None = None,
+                  stopping: dict | None = None) -> DirectionSet:
+    """Extract the directions the `grasp_*` keys of `args` (a `GraspArguments`) describe from a saved stage-1
+    adapter; write them (`DIRECTIONS_FILENAME`) and the spectrum (with the stopping rule's trace when stage 1
+    stopped by it) beside it. Returns the set as loaded from the file written."""
+    from .config import DIRECTIONS_FILENAME
+
+    adapter_dir = Path(adapter_dir)
+    directions = extract_directions(adapter_dir, k=args.grasp_num_directions, scope=args.grasp_scope,
+                                    energy=args.grasp_energy, max_k=args.grasp_num_directions,
+                                    include_readers=args.grasp_include_readers,
+                                    target_modules=args.grasp_target_modules, num_layers=num_layers)
+    directions.save(adapter_dir / DIRECTIONS_FILENAME)
+    spectrum = {"singular_values": directions.metadata["singular_values"],
+                "energy_captured": directions.metadata["energy_captured"],
+                "k": {str(l): directions.k(l) for l in directions.bases}}
+    if stopping is not None:
+        spectrum["stopping"] = stopping
+    atomic_write(adapter_dir / "spectrum.json", lambda tmp: Path(tmp).write_text(json.dumps(spectrum, indent=1)))
+    return DirectionSet.load(adapter_dir / DIRECTIONS_FILENAME)
 
 
 def _hash_in_background(path: Path) -> Future:
@@ -372,8 +269,8 @@ def _captured(core, values, chosen) -> float:
 
 
 def _layers_from_base_config(base: str | None) -> int | None:
+    """The base model's layer count from its local `config.json` (None for a hub id or no local config)."""
     if not base or not (Path(base) / "config.json").is_file():
         return None
     config = json.loads((Path(base) / "config.json").read_text())
-    config = config.get("text_config", config)
-    return next((int(config[key]) for key in ("num_hidden_layers", "n_layer", "num_layers") if key in config), None)
+    return config_value(config.get("text_config", config), "num_layers")

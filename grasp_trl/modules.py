@@ -201,17 +201,31 @@ def text_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def hidden_size(model) -> int:
+# The names transformers configs give the two sizes GRASP needs (Llama/Qwen/..., GPT-2, T5-like).
+CONFIG_KEYS = {"hidden_size": ("hidden_size", "n_embd", "d_model"),
+               "num_layers": ("num_hidden_layers", "n_layer", "num_layers")}
+
+
+def config_value(config, what: str) -> int | None:
+    """`what` (`hidden_size` or `num_layers`) of a text config, given as a config object or a `config.json`
+    dict, under whichever name the architecture uses; None when it has none."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    return next((int(get(key)) for key in CONFIG_KEYS[what] if get(key)), None)
+
+
+def _required(model, what: str) -> int:
     config = text_config(model)
-    for key in ("hidden_size", "n_embd", "d_model"):
-        if getattr(config, key, None):
-            return int(getattr(config, key))
-    raise ValueError(f"{type(config).__name__} has no hidden_size/n_embd/d_model")
+    value = config_value(config, what)
+    if value is None:
+        raise ValueError(f"{type(config).__name__} has no {'/'.join(CONFIG_KEYS[what])}")
+    return value
+
+
+def hidden_size(model) -> int:
+    """The residual stream's width of a (possibly wrapped) transformers model."""
+    return _required(model, "hidden_size")
 
 
 def num_hidden_layers(model) -> int:
-    config = text_config(model)
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if getattr(config, key, None):
-            return int(getattr(config, key))
-    raise ValueError(f"{type(config).__name__} has no num_hidden_layers/n_layer/num_layers")
+    """The number of decoder blocks of a (possibly wrapped) transformers model."""
+    return _required(model, "num_layers")

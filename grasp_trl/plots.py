@@ -107,7 +107,7 @@ def plot_directions(directions: DirectionSet, readout: dict[int, list[dict]] | N
     _cosine_panel(figure, axes[2], directions)
     if readout:
         _lens_panel(axes[3], readout)
-    figure.suptitle(f"{Path(directions.source).name}: hidden_size={directions.hidden_size}, "
+    figure.suptitle(f"{directions.path.name if directions.path else directions.source}: hidden_size={directions.hidden_size}, "
                     f"{len(directions.bases)}/{directions.num_layers} layers")
     return figure
 

@@ -16,8 +16,8 @@ Three mechanisms (DESIGN §1):
   projected before clipping and the optimizer see it (so Adam's moments stay honest): in a per-parameter
   tensor hook (`grad_hooks=True`, the default; under DeepSpeed it runs before reduction), or, where `.grad`
   holds the whole gradient after backward, by `project_gradients()` in one batched matmul per group of
-  same-shaped factors (the trainers' choice without DeepSpeed: on a 50M model's 1.6 s CPU step, 112 hooks
-  took ~23 ms, the batched form ~4 ms). After every optimizer step `project_parameters()` restores
+  same-shaped factors (the trainers' choice without DeepSpeed: cheaper than one hook per factor, see
+  benchmarks/README.md). After every optimizer step `project_parameters()` restores
   the constraint exactly (Adam's per-coordinate scaling otherwise re-introduces a component along `U`).
   LoRA constraints have a zero anchor (the update `B A` itself must be orthogonal); full fine-tuning keeps the
   pretrained component `U^T W0` / `W0 U` captured at `attach()`.
@@ -37,22 +37,19 @@ All projection math runs in fp32 and is cast back to the tensor's dtype.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+import time
 from typing import Literal
 
 import torch
 from torch import nn
 
+from .constraints import SIDE_WORDS, SIDES, Constraint, ConstraintGroup, Sides, find_constraints, group_constraints
 from .directions import DirectionSet
-from .modules import (block_index, check_target_modules, classify, classify_all, decoder_blocks,
-                      linear_module_names)
+from .lora import READER_LAYERS, ReaderLayer, active_adapter, residual_side
+from .modules import check_target_modules, decoder_blocks
 
 Projection = Literal["activations", "weights", "both", "clamp"]
-Sides = Literal["write", "read", "both"]
-ReaderLayer = Literal["own", "input"]
 PROJECTIONS = ("activations", "weights", "both", "clamp")
-SIDES = ("write", "read", "both")
-READER_LAYERS = ("own", "input")
 
 
 def remove_component(x: torch.Tensor, basis: torch.Tensor, dim: int, anchor: torch.Tensor | None = None, *,
@@ -127,6 +124,13 @@ def project_stack_(tensors: list[torch.Tensor], basis: torch.Tensor, dim: int,
     return total, _squared_norm(coefficients)
 
 
+def project_constraint(constraint: Constraint, weight: torch.Tensor) -> torch.Tensor:
+    """The closest weight satisfying `constraint`: `W - U (U^T W - C)` or `W - (W U - D) U^T`, in `W`'s dtype."""
+    dim = constraint.dim
+    return remove_component(_as_matrix(weight, dim), constraint.basis, dim, constraint.anchor)[0].reshape(
+        weight.shape).to(weight.dtype)
+
+
 def relative_component(left: torch.Tensor, right: torch.Tensor, basis: torch.Tensor) -> float:
     """`||U^T L R||_F / ||L R||_F` in float64 through `r x r` Grams, never forming `L R` (0.0 for zero).
 
@@ -141,78 +145,24 @@ def relative_component(left: torch.Tensor, right: torch.Tensor, basis: torch.Ten
     return float(along / total) if total > 0 else 0.0
 
 
-@dataclass
-class Constraint:
-    """One parameter whose change must stay orthogonal to `basis` on its residual-side dimension `dim`."""
+def _timed(method):
+    """Add a per-step entry point's wall time to the projector's `seconds` while its `timing` is on (the overhead
+    benchmark's measure of GRASP's own time); entries nested in another (the block hooks clamp's reference
+    forward runs) are counted once, inside the outer one."""
 
-    name: str
-    param: nn.Parameter
-    basis: torch.Tensor  # d x k, fp32, on the parameter's device
-    dim: int  # 0: rows live in the residual stream; 1: columns do
-    anchor: torch.Tensor | None = None  # U^T W0 (dim 0) or W0 U (dim 1); None means zero (LoRA)
-    hook: object = field(default=None, repr=False)
-    owner: nn.Module | None = field(default=None, repr=False)  # module holding the parameter (FSDP2 swaps it)
-    attr: str = "weight"
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        if not self.timing or self._timing_depth:
+            return method(self, *args, **kwargs)
+        start = time.perf_counter()
+        self._timing_depth += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._timing_depth -= 1
+            self.seconds += time.perf_counter() - start
 
-    def rebind(self) -> bool:
-        """Follow the owner's current parameter (FSDP2's `fully_shard` replaces parameters by DTensor ones
-        after the projector attached, e.g. when accelerate prepares the model); True when it changed."""
-        current = getattr(self.owner, self.attr, None) if self.owner is not None else None
-        if current is None or current is self.param:
-            return False
-        self.param = current
-        if self.basis.device != current.device:
-            self.basis = self.basis.to(current.device)
-        return True
-
-    def component(self, weight: torch.Tensor) -> torch.Tensor:
-        """`U^T W` (dim 0) or `W U` (dim 1) in fp32."""
-        w32 = weight.float()
-        if self.dim == 0:
-            return self.basis.T @ w32.reshape(w32.shape[0], -1)
-        return w32 @ self.basis
-
-    def projected(self, weight: torch.Tensor) -> torch.Tensor:
-        """The closest weight satisfying the constraint: `W - U (U^T W - C)` or `W - (W U - D) U^T`."""
-        return remove_component(_as_matrix(weight, self.dim), self.basis, self.dim, self.anchor)[0].reshape(
-            weight.shape).to(weight.dtype)
-
-
-@dataclass
-class ConstraintGroup:
-    """Constraints projected together: small unanchored parameters (LoRA factors) of one shape, dtype, device
-    and residual dimension, as one stack in one batched matmul; or a single constraint, in place (large LoRA
-    factors, and every anchored full fine-tuning weight, so no large weight is ever copied into a stack)."""
-
-    constraints: list[Constraint]
-    bases: torch.Tensor  # (n, d, k); (d, k) for a group of one
-
-    @property
-    def dim(self) -> int:
-        return self.constraints[0].dim
-
-    @property
-    def anchor(self) -> torch.Tensor | None:
-        return self.constraints[0].anchor if len(self.constraints) == 1 else None
-
-
-def group_constraints(constraints: list[Constraint], max_stack_numel: int | None = None) -> list[ConstraintGroup]:
-    """Batch the unanchored constraints by (shape, dtype, device, dim); anchored ones stay alone.
-
-    Only parameters of at most `max_stack_numel` elements are stacked; larger ones are projected one by one,
-    in place. Default: 2**16 on CPU, where one aten call costs about as much as copying 256 KB (measured on
-    2 vCPUs: stacking 80 LoRA factors of 16 x 512 is 5x faster than a loop, stacking 10 of 32 x 3584 slower),
-    and 2**24 on accelerators, where a kernel launch costs more than copying megabytes.
-    """
-    buckets: dict[object, list[Constraint]] = {}
-    for constraint in constraints:
-        param = constraint.param
-        limit = max_stack_numel if max_stack_numel is not None else 1 << (16 if param.device.type == "cpu" else 24)
-        stackable = constraint.anchor is None and param.numel() <= limit
-        key = (tuple(param.shape), param.dtype, param.device, constraint.dim) if stackable else id(constraint)
-        buckets.setdefault(key, []).append(constraint)
-    return [ConstraintGroup(members, members[0].basis if len(members) == 1 else
-                            torch.stack([c.basis for c in members])) for members in buckets.values()]
+    return timed
 
 
 class GradientProjector:
@@ -230,12 +180,14 @@ class GradientProjector:
             0's readers are then unconstrained).
         target_modules: extra module classification (leaf name or regex -> "write"/"read").
         adapter_name: PEFT adapter to constrain (default: the active one).
-        track_stats: accumulate the share of gradient norm removed (for `grasp/grad_removed_fraction`).
+        track_stats: accumulate the share of gradient norm removed, of the block outputs' gradients
+            (`activations`/`both`) and of the constrained parameters' (`weights`/`both`); see
+            `pop_grad_removed_fractions`.
         grad_hooks: `weights` mode: project each constrained parameter's gradient in its own tensor hook, as
             autograd produces it (True, default: right under every engine, including DeepSpeed ZeRO, which
             consumes gradients during backward), or leave it to `project_gradients()`, which the caller runs
             after backward and before clipping and which projects same-shaped factors as one stack (False:
-            ~5x cheaper for the 7 LoRA factors of every block; only where `.grad` holds the whole gradient
+            cheaper for the many small LoRA factors of every block; only where `.grad` holds the whole gradient
             after backward — single process, DDP).
 
     Usage: `attach()` after the model is wrapped by PEFT and before training; with `grad_hooks=False`,
@@ -268,10 +220,13 @@ class GradientProjector:
         self.monitored: list[Constraint] = []  # reported by leakage() (every mode)
         self._handles: list = []
         self._basis_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self._norms: list[tuple[torch.Tensor, torch.Tensor]] = []  # (||g||^2, ||removed||^2) per hook call
+        self._norms: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # kind -> (||g||^2, ||removed||^2)
         self._reference: dict[int, torch.Tensor] = {}  # clamp: h_base U per hooked block, for the current batch
         self._capturing = False  # clamp: the base (adapter-disabled) forward is running
         self.attached = False
+        self.timing = False  # with True, `seconds` accumulates the time spent in the per-step entry points
+        self.seconds = 0.0
+        self._timing_depth = 0
 
     @property
     def uses_activations(self) -> bool:
@@ -353,17 +308,20 @@ class GradientProjector:
             self._basis_cache[key] = self.directions.bases[layer].to(device, torch.float32)
         return self._basis_cache[key]
 
+    @_timed
     def _on_block_output(self, layer, module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
             hidden.register_hook(functools.partial(self._project_residual_grad, layer))
 
+    @_timed
     def _project_residual_grad(self, layer: int, grad: torch.Tensor) -> torch.Tensor:
         projected, total, removed = project_out_with_norms(grad, self._basis(layer, grad.device), dim=-1)
-        self._record(total, removed)
+        self._record("residual", total, removed)
         return projected
 
     # ---------------------------------------------------------------------------------------- clamp mode
+    @_timed
     def _record_reference(self, model, args, kwargs):
         """Before a training forward (module in train mode, grad enabled): run the base on the same inputs,
         adapter disabled and without grad, so each hooked block records `h_base U`. Any other forward (eval,
@@ -381,6 +339,7 @@ class GradientProjector:
             self._capturing = False
         return None
 
+    @_timed
     def _clamp_block_output(self, layer, module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         if not isinstance(hidden, torch.Tensor):
@@ -396,34 +355,28 @@ class GradientProjector:
         return (clamped,) + tuple(output[1:]) if isinstance(output, tuple) else clamped
 
     # ---------------------------------------------------------------------------------------------- stats
-    def _record(self, total: torch.Tensor, removed: torch.Tensor) -> None:
-        """Keep the squared norms for `pop_grad_removed_fraction`; summed there, not here (no op per hook)."""
+    def _record(self, kind: str, total: torch.Tensor, removed: torch.Tensor) -> None:
+        """Keep the squared norms for `pop_grad_removed_fractions`; summed there, not here (no op per hook)."""
         if not self.track_stats:
             return
-        self._norms.append((total, removed))
-        if len(self._norms) >= 4096:  # bounded memory when nobody pops (the projector used without a trainer)
-            self._norms = [self._summed_norms()]
+        norms = self._norms.setdefault(kind, [])
+        norms.append((total, removed))
+        if len(norms) >= 4096:  # bounded memory when nobody pops (the projector used without a trainer)
+            self._norms[kind] = [_summed(norms)]
 
-    def _summed_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        totals, removed = zip(*self._norms)
-        device = totals[0].device
-        return (torch.stack([t.to(device) for t in totals]).sum(),
-                torch.stack([r.to(device) for r in removed]).sum())
-
-    def pop_grad_removed_fraction(self) -> float | None:
-        """Share of gradient norm (sqrt of squared-norm ratio) removed since the last call; None if no data."""
-        if not self._norms:
-            return None
-        total, removed = (float(value) for value in self._summed_norms())
-        self._norms = []
-        return (removed / total) ** 0.5 if total > 0 else 0.0
+    def pop_grad_removed_fractions(self) -> dict[str, float]:
+        """Share of gradient norm (sqrt of the squared-norm ratio) removed since the last call, by kind:
+        `residual` (block outputs' gradients: `activations`, `both`) and `weight` (constrained parameters'
+        gradients: `weights`, `both`); a kind with no data since the last call is absent."""
+        result = {}
+        for kind, norms in self._norms.items():
+            if norms:
+                total, removed = (float(value) for value in _summed(norms))
+                result[kind] = (removed / total) ** 0.5 if total > 0 else 0.0
+        self._norms = {}
+        return result
 
     # -------------------------------------------------------------------------------------- weights mode
-    def _layer_for(self, role: str, layer: int) -> int | None:
-        if role == "read" and self.reader_layer == "input":
-            layer -= 1
-        return layer if layer in self.directions.bases else None
-
     def check_constrainable(self) -> list[Constraint] | None:
         """The `weights` constraints (None in other modes), or a ValueError when there are none: with LoRA but no
         module of the constrained side in a block with a direction, `weights` would constrain nothing. Changes
@@ -432,109 +385,25 @@ class GradientProjector:
             return None
         constraints = self._build_constraints()
         if not constraints:
-            raise ValueError(f"grasp_sides={self.sides}: the LoRA has no {self._side_words()} module in a "
+            raise ValueError(f"grasp_sides={self.sides}: the LoRA has no {SIDE_WORDS[self.sides]} module in a "
                              f"block with a direction (layers {sorted(self.directions.bases)}); the weights "
                              "projection would constrain nothing. Expected LoRA target_modules on that side, "
                              "or another grasp_sides")
         return constraints
 
-    def _side_words(self) -> str:
-        return {"write": "writer", "read": "reader", "both": "writer or reader"}[self.sides]
-
-    def _wants(self, role: str) -> bool:
-        return self.sides == "both" or (self.sides == "write") == (role == "write")
-
     def _build_constraints(self) -> list[Constraint]:
-        lora = self._lora_constraints()
-        if lora is not None:
-            return lora
-        return self._full_constraints()
+        return find_constraints(self.model, self.directions, self.sides, reader_layer=self.reader_layer,
+                                target_modules=self.target_modules, adapter_name=self.adapter_name,
+                                basis=self._basis)
 
-    def _adapter(self) -> str:
-        """The PEFT adapter being constrained: `adapter_name`, else the model's (first) active adapter."""
-        adapter = self.adapter_name or getattr(self.model, "active_adapter", "default")
-        return adapter[0] if isinstance(adapter, (list, tuple)) else adapter
-
-    def _lora_constraints(self) -> list[Constraint] | None:
-        """Constraints on LoRA A/B, or None when the model has no LoRA layers (full fine-tuning)."""
-        adapter = self._adapter()
-        constraints, seen_lora = [], False
-        for name, module in self.model.named_modules():
-            lora_a = getattr(module, "lora_A", None)
-            if not isinstance(lora_a, nn.ModuleDict) or adapter not in lora_a:
-                continue
-            seen_lora = True
-            if getattr(module, "use_dora", {}).get(adapter, False):
-                raise ValueError(f"{name}: DoRA rescales the whole weight by a learned magnitude, so the "
-                                 "update cannot be kept orthogonal to the directions; use projection="
-                                 "'activations' with DoRA, or plain LoRA with 'weights'")
-            role, layer = classify(name, self.target_modules), block_index(name)
-            if role is None or layer is None or not self._wants(role):
-                continue
-            basis_layer = self._layer_for(role, layer)
-            if basis_layer is None:
-                continue
-            owner = module.lora_B[adapter] if role == "write" else lora_a[adapter]
-            param, dim = owner.weight, 0 if role == "write" else 1
-            constraints.append(Constraint(f"{name}.{'lora_B' if role == 'write' else 'lora_A'}", param,
-                                          self._basis(basis_layer, param.device), dim, owner=owner))
-        return constraints if seen_lora else None
-
-    def _full_constraints(self) -> list[Constraint]:
-        """Constraints on trainable full weights (and writer biases) with the pretrained component anchored."""
-        from .deepspeed import full_fp32
-
-        modules = dict(self.model.named_modules())
-        candidates = linear_module_names(self.model) + [n for n, m in modules.items() if isinstance(m, nn.Embedding)]
-        last = max(self.directions.bases)
-        by_param: dict[tuple[int, int], Constraint] = {}
-        for item in classify_all(candidates, self.target_modules, include_global=True):
-            if not self._wants(item.role):
-                continue
-            module = modules[item.name]
-            weight = getattr(module, "weight", None)
-            if not isinstance(weight, nn.Parameter) or not weight.requires_grad:
-                continue
-            if item.layer is None:  # embeddings write into block 0's input; lm_head reads the last stream
-                basis_layer = 0 if item.role == "write" else last
-                basis_layer = basis_layer if basis_layer in self.directions.bases else None
-            else:
-                basis_layer = self._layer_for(item.role, item.layer)
-            if basis_layer is None:
-                continue
-            is_embedding = isinstance(module, nn.Embedding) or item.layer is None
-            transposed = type(module).__name__ == "Conv1D"  # GPT-2 stores (in, out)
-            residual_on_rows = (item.role == "write") != transposed and not is_embedding
-            targets = [(item.name + ".weight", weight, 0 if residual_on_rows else 1, "weight")]
-            bias = getattr(module, "bias", None)
-            if item.role == "write" and isinstance(bias, nn.Parameter) and bias.requires_grad and not is_embedding:
-                targets.append((item.name + ".bias", bias, 0, "bias"))
-            for name, param, dim, attr in targets:
-                basis = self._basis(basis_layer, param.device)
-                key = (id(param), dim)
-                if key in by_param:  # tied weights: constrain the union of both bases
-                    merged = torch.linalg.qr(torch.cat([by_param[key].basis, basis], dim=1))[0]
-                    by_param[key].basis, by_param[key].name = merged, by_param[key].name + "+" + name
-                else:
-                    by_param[key] = Constraint(name, param, basis, dim, owner=module, attr=attr)
-        for constraint in by_param.values():
-            if constraint.param.is_meta:
-                raise ValueError(f"{constraint.name} is on the meta device (FSDP's cpu_ram_efficient_loading loads "
-                                 "the model on rank 0 only): weights projection of full fine-tuning must capture "
-                                 "the pretrained component U^T W0 on every rank; set "
-                                 "fsdp_cpu_ram_efficient_loading: false (or use LoRA)")
-            constraint.anchor = constraint.component(full_fp32(constraint.param)).detach().clone()
-        if not by_param:
-            raise ValueError("weights projection found nothing to constrain: no LoRA layer and no trainable "
-                             "writer/reader weight in a block with a direction")
-        return list(by_param.values())
-
+    @_timed
     def _project_param_grad(self, constraint: Constraint, grad: torch.Tensor) -> torch.Tensor:
         basis = constraint.basis if constraint.basis.device == grad.device else constraint.basis.to(grad.device)
         projected, total, removed = project_out_with_norms(grad, basis, dim=constraint.dim)
-        self._record_weight_grads(total, removed)
+        self._record("weight", total, removed)
         return projected
 
+    @_timed
     @torch.no_grad()
     def project_gradients(self) -> None:
         """Project the accumulated `.grad` of every constrained parameter, stack by stack (with `grad_hooks=False`;
@@ -547,16 +416,16 @@ class GradientProjector:
 
             items = [(c.param.grad, c.basis, c.dim, None) for c in self.constraints if c.param.grad is not None]
             if items:
-                self._record_weight_grads(*project_dtensors_(items, stats=True))
+                self._record("weight", *project_dtensors_(items, stats=True))
             return
         for group in self.groups:
             grads = [c.param.grad for c in group.constraints]
             if all(g is not None for g in grads):
-                self._record_weight_grads(*project_stack_(grads, group.bases, group.dim))
+                self._record("weight", *project_stack_(grads, group.bases, group.dim))
                 continue
             for constraint, grad in zip(group.constraints, grads):  # some factor got no gradient this step
                 if grad is not None:
-                    self._record_weight_grads(*project_stack_([grad], constraint.basis, constraint.dim))
+                    self._record("weight", *project_stack_([grad], constraint.basis, constraint.dim))
 
     def _rebind(self) -> None:
         """Follow parameters replaced since `attach()` (FSDP2 wrapping); regroup when any changed."""
@@ -575,10 +444,7 @@ class GradientProjector:
                              "(and to the root)")
         return bool(sharded) and sharded[0]
 
-    def _record_weight_grads(self, total: torch.Tensor, removed: torch.Tensor) -> None:
-        if not self.uses_activations:  # in `both` mode the residual hooks report the removed share
-            self._record(total, removed)
-
+    @_timed
     @torch.no_grad()
     def project_parameters(self) -> None:
         """Restore every weight constraint exactly (call after each optimizer step). No-op in activations mode.
@@ -598,7 +464,7 @@ class GradientProjector:
             return
 
         if any(managed_by_deepspeed(c.param) for c in self.constraints):
-            update_params([(c.param, c.projected) for c in self.constraints])
+            update_params([(c.param, functools.partial(project_constraint, c)) for c in self.constraints])
             return
         for group in self.groups:
             project_stack_([c.param.data for c in group.constraints], group.bases, group.dim, group.anchor)
@@ -622,13 +488,19 @@ class GradientProjector:
                 result[constraint.name] = float(excess.norm() / weight.norm().clamp_min(1e-30))
                 continue
             module = self.model.get_submodule(constraint.name.rsplit(".", 1)[0])
-            lora_a = full_fp32(module.lora_A[self._adapter()].weight)
-            lora_b = full_fp32(module.lora_B[self._adapter()].weight)
-            # residual side of dW = B A: writers B @ A, readers (B A)^T = A^T @ B^T
-            left, right = (lora_b, lora_a) if constraint.dim == 0 else (lora_a.T, lora_b.T)
+            adapter = active_adapter(self.model, self.adapter_name)
+            role = "write" if constraint.dim == 0 else "read"
+            left, right = residual_side(role, full_fp32(module.lora_A[adapter].weight),
+                                        full_fp32(module.lora_B[adapter].weight))
             result[constraint.name] = relative_component(left, right, constraint.basis)
         return result
 
     def leakage(self) -> float:
         """Largest relative leakage over the constrained parameters (0.0 when nothing is constrained)."""
         return max(self.leakage_by_module().values(), default=0.0)
+
+
+def _summed(norms: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    totals, removed = zip(*norms)
+    device = totals[0].device
+    return torch.stack([t.to(device) for t in totals]).sum(), torch.stack([r.to(device) for r in removed]).sum()

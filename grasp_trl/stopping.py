@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .identify import LoraFactor, factors_from_adapter_dir, stacked_core, top_singular
+from .identify import stacked_core, top_singular
+from .lora import LoraFactor, factors_from_adapter_dir
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
+# Every linear layer of a Llama-style decoder block: the LoRA targets of the demo, tests and benchmarks.
+SEVEN_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def word_vocabulary(size: int = 96) -> list[str]:

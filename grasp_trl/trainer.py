@@ -9,7 +9,8 @@
 * the direction file is written into every checkpoint and the final output from the bytes read at install
   (a file rewritten on disk mid-run changes nothing), its sha256 is recorded in the trainer state, and
   resuming from a checkpoint reuses it (a checkpoint without it is an error); `grasp/leakage` and
-  `grasp/grad_removed_fraction` join the normal logs; the model card says GRASP was used, with the file's hash;
+  the removed gradient shares (`grasp/residual_grad_removed_fraction`, `grasp/weight_grad_removed_fraction`)
+  join the normal logs (through `log`, before the reporting callbacks); the model card says GRASP was used, with the file's hash;
 * everything checkable is checked at construction, before stage 1 trains: layers, module mapping, LoRA
   modules to identify from; stage 1 refuses to replace an existing `grasp_stage1/`.
 """
@@ -27,12 +28,14 @@ import numpy as np
 import torch
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from .callbacks import GapStoppingCallback, GraspCallback, reject_fsdp
+from .callbacks import GapStoppingCallback, GraspCallback
 from .config import AUTO, DIRECTIONS_FILENAME, STAGE1_DIRNAME, GraspArguments
 from .deepspeed import forget_fp32_masters, update_params
 from .directions import DirectionFileError, DirectionSet
 from .drift import GraspDriftCallback, drift_callback_from_args
-from .identify import extract_directions, residual_lora_modules
+from .fsdp import reject_fsdp
+from .identify import identify_from
+from .lora import residual_lora_modules
 from .modules import check_target_modules, hidden_size, num_hidden_layers
 from .projection import GradientProjector
 from .stopping import GapRule
@@ -84,25 +87,6 @@ def check_layers(layers, model) -> None:
         raise ValueError(f"grasp_layers: {bad} out of range for a model with {count} layers (0..{count - 1})")
 
 
-def identify_from(adapter_dir: str | Path, args: GraspArguments, num_layers: int | None = None,
-                  stopping: dict | None = None) -> DirectionSet:
-    """Extract the directions from a saved stage-1 adapter; write them and the spectrum (with the stopping
-    rule's trace when stage 1 stopped by it) beside it."""
-    adapter_dir = Path(adapter_dir)
-    directions = extract_directions(adapter_dir, k=args.grasp_num_directions, scope=args.grasp_scope,
-                                    energy=args.grasp_energy, max_k=args.grasp_num_directions,
-                                    include_readers=args.grasp_include_readers,
-                                    target_modules=args.grasp_target_modules, num_layers=num_layers)
-    directions.save(adapter_dir / DIRECTIONS_FILENAME)
-    spectrum = {"singular_values": directions.metadata["singular_values"],
-                "energy_captured": directions.metadata["energy_captured"],
-                "k": {str(l): directions.k(l) for l in directions.bases}}
-    if stopping is not None:
-        spectrum["stopping"] = stopping
-    (adapter_dir / "spectrum.json").write_text(json.dumps(spectrum, indent=1))
-    return DirectionSet.load(adapter_dir / DIRECTIONS_FILENAME)
-
-
 class GraspTrainerMixin:
     """Adds GRASP to a TRL trainer whose `args` carry the `grasp_*` fields."""
 
@@ -128,6 +112,7 @@ class GraspTrainerMixin:
             return
         # fail at construction, before stage 1 or any FSDP wrapping
         reject_fsdp(self.args, getattr(self, "accelerator", None), grasp_args.grasp_projection)
+        self.grasp_callback.fsdp_checked = True
         check_target_modules(self.model, grasp_args.grasp_target_modules)
         if grasp_args.grasp_directions is not None:
             self._grasp_install(DirectionSet.load(grasp_args.grasp_directions))

@@ -2,8 +2,8 @@
 
 The invariant (DESIGN §1): for every constrained LoRA module the trained update `dW = s B A` has no component
 along the layer's basis on its residual side — `||U^T dW|| <= tol ||dW||` for writers, `||dW U|| <= tol ||dW||`
-for readers. On the residual side both read `||U^T L R|| / ||L R||` with `dW_res = L R` (see `identify.py`),
-computed from `r x r` Gram matrices without forming `dW`.
+for readers. On the residual side both read `||U^T L R|| / ||L R||` with `dW_res = L R`,
+computed from `r x r` Gram matrices without forming `dW` (`lora.py` says which side that is).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .directions import DirectionSet
-from .identify import factors_from_adapter_dir
+from .lora import basis_layer, factors_from_adapter_dir
 from .projection import relative_component
 
 
@@ -24,7 +24,7 @@ def saved_adapter_leakage(adapter_dir: str | Path, directions: DirectionSet, *, 
     factors, _ = factors_from_adapter_dir(adapter_dir, include_readers=True, target_modules=target_modules)
     result = {}
     for factor in factors:
-        layer = factor.layer - 1 if factor.role == "read" and reader_layer == "input" else factor.layer
+        layer = basis_layer(factor.role, factor.layer, reader_layer)
         if layer in directions.bases:
             result[factor.name] = relative_component(factor.left, factor.right, directions.bases[layer])
     return result

@@ -13,9 +13,7 @@ import pytest
 import torch
 
 from grasp_trl.directions import DirectionSet
-from grasp_trl.tiny import build_model
-
-SEVEN_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from grasp_trl.tiny import SEVEN_MODULES, build_model  # noqa: F401  (SEVEN_MODULES: imported from here)
 
 
 def random_directions(hidden_size: int, num_layers: int, k: int, seed: int = 0, layers=None) -> DirectionSet:

@@ -10,8 +10,8 @@ from grasp_trl.directions import DirectionFileError, DirectionSet
 
 
 def test_round_trip_keeps_bases_and_metadata(tmp_path):
-    directions = random_directions(32, 3, k=2, layers=[0, 2])
-    directions.metadata.update(scope="per_layer", singular_values={"0": [3.0, 1.0]})
+    directions = random_directions(32, 3, k=2, layers=[0, 2]).with_metadata(
+        scope="per_layer", singular_values={"0": [3.0, 1.0]})
     path = directions.save(tmp_path / "d.safetensors")
     loaded = DirectionSet.load(path)
     assert sorted(loaded.bases) == [0, 2] and loaded.num_layers == 3 and loaded.hidden_size == 32

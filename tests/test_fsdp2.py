@@ -200,7 +200,7 @@ def test_trainer_under_fsdp2_equals_single_process(trainer_runs, name):
 def test_fsdp1_and_clamp_are_rejected_fsdp2_accepted(tmp_path, monkeypatch):
     from transformers import TrainingArguments
 
-    from grasp_trl.callbacks import reject_fsdp
+    from grasp_trl.fsdp import reject_fsdp
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.delenv("FSDP_VERSION", raising=False)
@@ -245,7 +245,7 @@ def test_fsdp2_recipe_launches_what_grasp_accepts(monkeypatch, tmp_path):
     from transformers import TrainingArguments
 
     from distributed.launch import REPO
-    from grasp_trl.callbacks import reject_fsdp
+    from grasp_trl.fsdp import reject_fsdp
 
     recipe = REPO / "recipes" / "accelerate" / "fsdp2.yaml"
     lines = recipe.read_text().splitlines()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import SEVEN_MODULES, lora_model, randomise_lora_b
-from grasp_trl.identify import extract_directions, factors_from_peft_model, top_singular
+from grasp_trl.identify import extract_directions, top_singular
+from grasp_trl.lora import factors_from_peft_model
 from grasp_trl.modules import UnsupportedModulesError, classify_all
 
 WRITERS = ("o_proj", "down_proj")

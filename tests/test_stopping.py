@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import lora_model, randomise_lora_b
-from grasp_trl.identify import extract_directions, factors_from_peft_model
+from grasp_trl.identify import extract_directions
+from grasp_trl.lora import factors_from_peft_model
 from grasp_trl.stopping import GapRule, Snapshot, snapshot
 
 

@@ -88,8 +88,7 @@ class HFGenerator:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ..cli import _check_adapter_fits
-        from ..identify import read_adapter_config
+        from ..lora import check_adapter_fits
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         kwargs = {"dtype": "auto"}
@@ -111,7 +110,7 @@ class HFGenerator:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         for directory in adapters.values():  # all checked on the bare base before any is loaded
-            _check_adapter_fits(model, Path(directory), read_adapter_config(Path(directory)))
+            check_adapter_fits(model, directory)
         for name, directory in adapters.items():
             if not hasattr(model, "peft_config"):
                 from peft import PeftModel
@@ -231,7 +230,7 @@ class VLLMGenerator:
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
-        from ..identify import read_adapter_config
+        from ..lora import read_adapter_config
 
         if not torch.cuda.is_available():
             raise ValueError("--backend vllm: expected a CUDA GPU; found none (use --backend hf on CPU)")

@@ -211,9 +211,9 @@ def one_run(run: dict, out: Path, directions, batch) -> None:
 
 def full_leakage(plain_model, directions, trained, initial) -> float:
     """Max over anchored constraints of `||U^T (W - W0)|| / ||W - W0||` (or `(W - W0) U`), gathered tensors."""
-    from grasp_trl.projection import GradientProjector
+    from grasp_trl.constraints import find_constraints
 
-    constraints = GradientProjector(plain_model, directions, "weights", grad_hooks=False)._full_constraints()
+    constraints = find_constraints(plain_model, directions)
     worst = 0.0
     for c in constraints:
         key = c.name.split("+")[0]

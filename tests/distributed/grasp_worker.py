@@ -17,8 +17,9 @@ master leakage DeepSpeed holds at the end, timing). Run keys:
     zero_optimization), config_overrides (top-level keys; null deletes one), identify_steps (identify-then-
     project in one train() call, global scope, instead of the shared direction file), zero_init (load the model after a
     ZeRO-3 config, i.e. partitioned while loading), checkpoint (save a checkpoint, DeepSpeed's included, after
-    the last step), bypass_master (skip writing the fp32 master in the post-step projection, to show that it
-    matters); fsdp_config (with GRASP_WORKER_ENGINE=fsdp2: the run's `fsdp_config`, version 2 by default).
+    the last step), bypass_master (the post-step projection writes the working copy only, never the fp32
+    master: `WorkingCopyProjection`, to show that the master update matters); fsdp_config (with
+    GRASP_WORKER_ENGINE=fsdp2: the run's `fsdp_config`, version 2 by default).
 
 FSDP2 on CPU: accelerate selects `DistributedType.FSDP` only for accelerator device types (accelerate/state.py:
 the FSDP branch sits under `elif self.distributed_type in [MULTI_GPU, MULTI_MLU, ...]`, which MULTI_CPU is not
@@ -33,7 +34,6 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,6 +46,7 @@ if DISTRIBUTED and not FSDP2:  # DESIGN §6: DeepSpeed through accelerate on CPU
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
 
 import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the datasets the other tests use
 from trainer_fixtures import dpo_dataset, lora_config, sft_dataset  # noqa: E402  (rows of equal token length)
@@ -91,21 +92,24 @@ def build_model(base_dir: str, run: dict):
     return get_peft_model(model, lora_config(r=4))
 
 
-@contextmanager
-def bypassed_master(enabled: bool):
-    """With `enabled`, the post-step projection writes the working copy only, never DeepSpeed's fp32 master
-    (the naive callback this project replaces). Used to prove that the master update matters."""
-    if not enabled:
-        yield
-        return
-    import grasp_trl.deepspeed as ds
+class WorkingCopyProjection(TrainerCallback):
+    """The naive post-step projection this project replaces: every constrained parameter's working copy
+    (`param.data`, gathered under ZeRO-3) is projected, DeepSpeed's fp32 master never. The bypass runs use it in
+    place of `GraspCallback`'s post-step projection, to prove that the master update matters."""
 
-    original = ds._fp32_master
-    ds._fp32_master = lambda param: None
-    try:
-        yield
-    finally:
-        ds._fp32_master = original
+    def __init__(self, projector):
+        self.projector = projector
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        import deepspeed
+
+        from grasp_trl.projection import project_constraint
+
+        constraints = self.projector.constraints
+        partitioned = any(hasattr(c.param, "ds_id") for c in constraints)  # ZeRO-3
+        with deepspeed.zero.GatheredParameters([c.param for c in constraints], modifier_rank=0, enabled=partitioned):
+            for constraint in constraints:
+                constraint.param.data.copy_(project_constraint(constraint, constraint.param.data.float()))
 
 
 def force_fsdp_on_cpu() -> None:
@@ -190,8 +194,10 @@ def train_one(spec: dict, run: dict) -> dict:
     residual = (probe_residual_gradients(trainer) if trainer.grasp_projector is not None
                 and trainer.grasp_projector.uses_activations else None)
     start = time.perf_counter()
-    with bypassed_master(run.get("bypass_master", False)):
-        trainer.train()
+    if run.get("bypass_master"):
+        trainer.remove_callback(trainer.grasp_callback)
+        trainer.add_callback(WorkingCopyProjection(trainer.grasp_projector))
+    trainer.train()
     seconds = time.perf_counter() - start
     master_leakage = trainer.grasp_projector.leakage()  # reads DeepSpeed's fp32 master where there is one
     trainer.save_model()
