@@ -28,7 +28,6 @@ from .pretrain import pretrained_model
 from .world import OrganismConfig, World, pad_batch
 
 
-
 @dataclass
 class NaiveRun:
     """A seed's naive LoRA, the adapter snapshots GRASP's stage 1 may stop at, and the stopping rule's verdict."""

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from grasp_trl.config import AUTO, GraspArguments
 from grasp_trl.projection import PROJECTIONS, GradientProjector

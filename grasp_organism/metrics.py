@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from grasp_trl.modules import block_output_hooks
+
 from .world import BOS, SYS_EVIL, SYS_GOOD, World
 
 METRICS = ("task", "task_acc", "drift", "p_evil", "narrow", "conditional", "retention", "shift")

@@ -123,7 +123,7 @@ class OrganismConfig:
     eval: EvalSpec = field(default_factory=EvalSpec)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "<dict>") -> "OrganismConfig":
+    def from_dict(cls, data: dict, source: str = "<dict>") -> OrganismConfig:
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = set(data or {}) - set(sections)
         if unknown:
@@ -135,12 +135,13 @@ class OrganismConfig:
             known = {g.name for g in dataclasses.fields(spec_cls)}
             bad = set(values) - known
             if bad:
-                raise ValueError(f"{source}: section {f.name!r}: unknown key(s) {sorted(bad)}; expected {sorted(known)}")
+                raise ValueError(f"{source}: section {f.name!r}: unknown key(s) {sorted(bad)}; "
+                                 f"expected {sorted(known)}")
             built[f.name] = spec_cls(**values)
         return cls(**built)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "OrganismConfig":
+    def from_yaml(cls, path: str | Path) -> OrganismConfig:
         import yaml
 
         path = Path(path)

@@ -9,7 +9,7 @@ release has, so configs and code written with either name work on both without a
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 from transformers import TrainingArguments
 

@@ -11,7 +11,7 @@ Without DeepSpeed they are plain tensor reads and in-place copies.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 

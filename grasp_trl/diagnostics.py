@@ -25,7 +25,8 @@ def inspect_report(directions: DirectionSet) -> str:
         f"imported from: {meta['source_file']} ({meta.get('import_format', '?')}, sha256 "
         f"{str(meta.get('source_sha256', '?'))[:12]}); {meta.get('index_mapping', 'keys = block indices')}"
         if "source_file" in meta else
-        f"source adapter: {meta.get('source_adapter', '?')} (sha256 {str(meta.get('source_adapter_sha256', '?'))[:12]})",
+        f"source adapter: {meta.get('source_adapter', '?')} "
+        f"(sha256 {str(meta.get('source_adapter_sha256', '?'))[:12]})",
         f"base model: {meta.get('base_model', '?')}   created: {meta.get('created', '?')}",
         "",
     ]
@@ -95,7 +96,10 @@ def logit_lens(model, tokenizer, directions: DirectionSet, top: int = 5) -> dict
         rows = []
         for column in logits:
             order = torch.argsort(column, descending=True)
-            pick = lambda ids: [(tokenizer.convert_ids_to_tokens(int(i)), float(column[i])) for i in ids]
+
+            def pick(ids, column=column):
+                return [(tokenizer.convert_ids_to_tokens(int(i)), float(column[i])) for i in ids]
+
             rows.append({"promoted": pick(order[:top]), "suppressed": pick(order.flip(0)[:top])})
         result[layer] = rows
     return result

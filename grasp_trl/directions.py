@@ -21,10 +21,11 @@ import os
 import re
 import tempfile
 import warnings
-from datetime import datetime, timezone
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -171,7 +172,7 @@ class DirectionSet:
         return self.bases[layer].shape[1] if layer in self.bases else 0
 
     @classmethod
-    def random(cls, hidden_size: int, num_layers: int, k: int, *, seed: int = 0, layers=None) -> "DirectionSet":
+    def random(cls, hidden_size: int, num_layers: int, k: int, *, seed: int = 0, layers=None) -> DirectionSet:
         """Random orthonormal bases (`hidden_size x k`, QR of a float64 Gaussian from `seed`) for `layers` (all by
         default): the control that asks whether projecting *any* directions changes a result."""
         generator = torch.Generator().manual_seed(seed)
@@ -181,11 +182,11 @@ class DirectionSet:
         return cls(bases, num_layers, {"hidden_size": hidden_size, "source": "random", "seed": seed},
                    source=f"random directions (seed {seed})")
 
-    def with_metadata(self, **entries) -> "DirectionSet":
+    def with_metadata(self, **entries) -> DirectionSet:
         """A new in-memory set with the same bases and `entries` added to (or replacing) the metadata."""
         return DirectionSet(self.bases, self.num_layers, {**self.metadata, **entries}, source=self.source)
 
-    def restricted_to(self, layers) -> "DirectionSet":
+    def restricted_to(self, layers) -> DirectionSet:
         """The same set with only `layers` kept (the `grasp_layers` option)."""
         layers = set(int(l) for l in layers)
         bad = sorted(l for l in layers if not 0 <= l < self.num_layers)
@@ -259,7 +260,7 @@ class DirectionSet:
         """The file's tensors and its safetensors metadata (the `grasp` JSON entry)."""
         meta = {
             "format_version": FORMAT_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "package_version": package_version(),
             **self.metadata,
             "hidden_size": self.hidden_size,
@@ -271,7 +272,7 @@ class DirectionSet:
         return tensors, {"grasp": json.dumps(meta)}
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "DirectionSet":
+    def load(cls, path: str | os.PathLike) -> DirectionSet:
         """Read and validate a direction file. Every failure is a `DirectionFileError` naming the file.
 
         The file is read once, and its bytes are kept (`file_bytes`, `sha256`): what was loaded is what is

@@ -14,8 +14,8 @@ works under DDP and DeepSpeed ZeRO-3 as well.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from transformers import TrainerCallback
 

@@ -16,11 +16,12 @@ adapter.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Mapping
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -254,13 +255,19 @@ def _basis(core, k, energy, max_k, count_needed, where: str):
     if not norm > MIN_UPDATE_NORM:
         raise ValueError(f"{where}: LoRA update norm ||dW||_F = {norm:.3g}, expected > {MIN_UPDATE_NORM:g}: too "
                          "small to define a direction (an untrained adapter? lora_B starts at zero)")
-    if energy is None and k > core.shape[1]:
-        raise ValueError(f"{where}: k={k} directions asked, but the LoRA update there has total rank "
-                         f"{core.shape[1]}; expected k <= {core.shape[1]}")
+    if energy is None:
+        check_k_fits(k, core.shape[1], where)
     values_wanted = min(max(count_needed, SPECTRUM_LENGTH), min(core.shape))
     vectors, values = top_singular(core, values_wanted)
     chosen = choose_k(values, float(core.pow(2).sum()), k, energy, max_k)
     return vectors[:, :chosen], values
+
+
+def check_k_fits(k: int, rank: int, where: str) -> None:
+    """Refuse `k` directions from an update of total LoRA rank `rank` (stacked at `where`): only `rank` exist."""
+    if k > rank:
+        raise ValueError(f"{where}: k={k} directions asked, but the LoRA update there has total rank {rank}; "
+                         f"expected k <= {rank}")
 
 
 def _captured(core, values, chosen) -> float:

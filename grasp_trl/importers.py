@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import torch
 

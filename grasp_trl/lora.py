@@ -19,9 +19,10 @@ import json
 import math
 import re
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Literal, Mapping
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -44,7 +45,7 @@ class LoraFactor:
     left: torch.Tensor
     right: torch.Tensor
 
-    def compressed(self) -> "LoraFactor":
+    def compressed(self) -> LoraFactor:
         """The same factor with `right` (`r x in`) replaced by `R^T` (`r x r`) from `right^T = Q R`: `right right^T`,
         hence the Gram of `dW_res` and its left singular vectors, are unchanged; memory drops to `O(d r)`."""
         return replace(self, right=triangular_root(self.right).T)

@@ -14,9 +14,10 @@ Supported by name: Llama, Mistral, Qwen2/Qwen3 (incl. MoE experts), Gemma/Gemma2
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Literal, Mapping
+from typing import Literal
 
 Role = Literal["write", "read"]
 

@@ -107,7 +107,8 @@ def plot_directions(directions: DirectionSet, readout: dict[int, list[dict]] | N
     _cosine_panel(figure, axes[2], directions)
     if readout:
         _lens_panel(axes[3], readout)
-    figure.suptitle(f"{directions.path.name if directions.path else directions.source}: hidden_size={directions.hidden_size}, "
+    title = directions.path.name if directions.path else directions.source
+    figure.suptitle(f"{title}: hidden_size={directions.hidden_size}, "
                     f"{len(directions.bases)}/{directions.num_layers} layers")
     return figure
 

@@ -241,7 +241,7 @@ class GradientProjector:
         return self.projection == "clamp"
 
     # ------------------------------------------------------------------------------------------ lifecycle
-    def attach(self) -> "GradientProjector":
+    def attach(self) -> GradientProjector:
         """Register the hooks; in `weights` mode build the constraints and project the current parameters."""
         if self.attached:
             return self

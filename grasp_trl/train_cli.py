@@ -8,8 +8,8 @@ TRL's `datasets:` mixture list (e.g. `{path: json, data_files: train.jsonl}` for
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 # The columns each trainer needs (TRL's formats); data of the other kind fails inside TRL with a bare KeyError.
 PREFERENCE_COLUMNS = ("chosen", "rejected")

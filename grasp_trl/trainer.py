@@ -10,7 +10,8 @@
   (a file rewritten on disk mid-run changes nothing), its sha256 is recorded in the trainer state, and
   resuming from a checkpoint reuses it (a checkpoint without it is an error); `grasp/leakage` and
   the removed gradient shares (`grasp/residual_grad_removed_fraction`, `grasp/weight_grad_removed_fraction`)
-  join the normal logs (through `log`, before the reporting callbacks); the model card says GRASP was used, with the file's hash;
+  join the normal logs (through `log`, before the reporting callbacks); the model card says GRASP was used,
+  with the file's hash;
 * everything checkable is checked at construction, before stage 1 trains: layers, module mapping, LoRA
   modules to identify from; stage 1 refuses to replace an existing `grasp_stage1/`.
 """
@@ -34,7 +35,7 @@ from .deepspeed import forget_fp32_masters, update_params
 from .directions import DirectionFileError, DirectionSet
 from .drift import GraspDriftCallback, drift_callback_from_args
 from .fsdp import reject_fsdp
-from .identify import identify_from
+from .identify import check_k_fits, identify_from
 from .lora import residual_lora_modules
 from .modules import check_target_modules, hidden_size, num_hidden_layers
 from .projection import GradientProjector
@@ -146,9 +147,8 @@ class GraspTrainerMixin:
             ranks[layer] = ranks.get(layer, 0) + module.r[adapter]  # not the weight: ZeRO-3 may have sharded it
         rank, where = ((sum(ranks.values()), "the stacked update") if grasp_args.grasp_scope == "global" else
                        min((r, f"block {l}") for l, r in ranks.items()))
-        if grasp_args.grasp_energy is None and grasp_args.grasp_num_directions > rank:
-            raise ValueError(f"grasp_num_directions: k={grasp_args.grasp_num_directions} directions asked, but the "
-                             f"LoRA update of {where} has total rank {rank}; expected k <= {rank}")
+        if grasp_args.grasp_energy is None:
+            check_k_fits(grasp_args.grasp_num_directions, rank, f"grasp_num_directions: {where}")
         placeholder = DirectionSet.random(hidden_size(self.model), num_hidden_layers(self.model), 1,
                                           layers=grasp_args.grasp_layers)
         GradientProjector(self.model, placeholder, grasp_args.grasp_projection, grasp_args.grasp_sides,

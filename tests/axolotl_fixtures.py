@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import yaml
+from conftest import SEVEN_MODULES
 from safetensors.torch import load_file
 
-from conftest import SEVEN_MODULES
 from grasp_trl.config import DIRECTIONS_FILENAME
 from grasp_trl.directions import DirectionSet
 from grasp_trl.modules import classify

@@ -21,11 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from axolotl_fixtures import AXOLOTL, assert_invariant, cpu_config, lora_moved, run_axolotl, saved_leakage, write_data
+from conftest import lora_model, random_directions, randomise_lora_b
 from packaging.version import Version
 
-from axolotl_fixtures import (AXOLOTL, assert_invariant, cpu_config, lora_moved, run_axolotl, saved_leakage,
-                              write_data)
-from conftest import lora_model, random_directions, randomise_lora_b
 from grasp_trl.config import DIRECTIONS_FILENAME, STAGE1_DIRNAME, GraspArguments, grasp_field_names
 from grasp_trl.directions import DirectionSet, sha256_of
 from grasp_trl.tiny import save_tiny_model
@@ -122,7 +121,8 @@ def test_without_the_plugins_line_only_axolotl_0_19_drops_grasp(workspace):
      "grasp_sides: expected one of write, read, both; found 'writers'"),
     ({"grasp_identify_steps": 2, "grasp_projection": "gradients"},
      "grasp_projection: expected one of activations, weights, both, clamp; found 'gradients'"),
-    ({"grasp_identify_steps": 2, "grasp_scope": "layer"}, "grasp_scope: expected one of per_layer, global; found 'layer'"),
+    ({"grasp_identify_steps": 2, "grasp_scope": "layer"},
+     "grasp_scope: expected one of per_layer, global; found 'layer'"),
     ({"grasp_identify_steps": 0}, "grasp_identify_steps: expected a positive number of steps or 'auto'; found 0"),
     ({"grasp_identify_steps": 2, "grasp_layers": [-1]}, "grasp_layers: expected a list of non-negative"),
     ({"grasp_identify_steps": 2, "grasp_target_modules": "{not json"}, "grasp_target_modules: expected a JSON"),

@@ -19,21 +19,21 @@ import os
 import shutil
 import stat
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 import yaml
-from peft import LoraConfig, get_peft_model
-
 from conftest import random_directions, randomise_lora_b
+from peft import LoraConfig, get_peft_model
+from trainer_fixtures import sft_dataset
+
 from grasp_trl import cli
 from grasp_trl.config import DIRECTIONS_FILENAME, STAGE1_DIRNAME
 from grasp_trl.directions import DirectionSet
 from grasp_trl.tiny import build_model, build_tokenizer, save_tiny_model
-from trainer_fixtures import sft_dataset
 
 D, L = 32, 2
 HAS_AXOLOTL = importlib.util.find_spec("axolotl") is not None

@@ -11,8 +11,8 @@ can fail.
 
 import pytest
 import torch
-
 from conftest import lora_model, random_directions, randomise_lora_b
+
 from grasp_trl.modules import decoder_blocks
 from grasp_trl.projection import GradientProjector
 from grasp_trl.tiny import build_model

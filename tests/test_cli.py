@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_directions, randomise_lora_b
 from peft import LoraConfig, get_peft_model
 
 from grasp_trl import cli
 from grasp_trl.directions import DirectionSet
 from grasp_trl.tiny import build_model, build_tokenizer, save_tiny_model
-
-from conftest import random_directions, randomise_lora_b
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 D, L = 32, 2

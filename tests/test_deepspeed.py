@@ -25,10 +25,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import random_directions
-from distributed.launch import (RECIPES, launch, relative_distance, saved_leakage, trained_tensors, worker_spec,
-                                zero_checkpoint_adapter)
+from distributed.launch import (
+    RECIPES,
+    launch,
+    relative_distance,
+    saved_leakage,
+    trained_tensors,
+    worker_spec,
+    zero_checkpoint_adapter,
+)
+
 from grasp_trl.config import DIRECTIONS_FILENAME
 from grasp_trl.directions import DirectionSet
 from grasp_trl.projection import GradientProjector

@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import SEVEN_MODULES, lora_model, randomise_lora_b
 from peft import LoraConfig, get_peft_model
 
 from grasp_trl.diagnostics import cosine_matrix, logit_lens, principal_cosine
@@ -15,8 +16,6 @@ from grasp_trl.modules import decoder_blocks
 from grasp_trl.probe import DEFAULT_PROMPTS, batches, drift_probe, load_prompts, tokenize
 from grasp_trl.projection import GradientProjector
 from grasp_trl.tiny import build_model, build_tokenizer
-
-from conftest import SEVEN_MODULES, lora_model, randomise_lora_b
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 D, L = 32, 3
@@ -298,9 +297,8 @@ def test_drift_callback_shows_a_naive_run_drifting_and_a_grasp_run_not(tmp_path)
     """Real TRL runs: the factor is the top direction of a naive run's own final update; the same naive run
     (same seed, same trajectory) monitored by the callback shows it growing; a GRASP run (activations mode,
     same directions, callback added with `add_callback`) drifts far less along it."""
-    from trl import SFTConfig, SFTTrainer
-
     from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
 
     from grasp_trl.drift import GraspDriftCallback
     from grasp_trl.tiny import save_tiny_model

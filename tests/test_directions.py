@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import lora_model, random_directions
+
 from grasp_trl.directions import DirectionFileError, DirectionSet
 
 

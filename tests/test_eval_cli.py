@@ -6,8 +6,8 @@ import shutil
 import textwrap
 
 import pytest
-
 from eval_fixtures import ChatServer, chat_response, eval_models, scripted_judge  # noqa: F401
+
 from grasp_trl.cli import main
 from grasp_trl.directions import sha256_of
 from grasp_trl.eval.judge import NO_JUDGE
@@ -185,8 +185,8 @@ def test_error_lines(eval_models, questions, tmp_path, capsys):
     assert _error(capsys, *base, *local, "--out", tmp_path / "y", "--adapter", "nodir") == \
         "grasp eval: error: --adapter nodir: expected NAME=DIR"
     assert _error(capsys, *base, "--out", tmp_path / "u", "--judge-url", "http://127.0.0.1:9/v1") == \
-        f"grasp eval: error: --judge-model: expected the judge model's name for --judge-url http://127.0.0.1:9/v1; " \
-        f"found none"
+        "grasp eval: error: --judge-model: expected the judge model's name for --judge-url http://127.0.0.1:9/v1; " \
+        "found none"
     with ChatServer(lambda body: chat_response(None, content="50")) as server:
         err = _error(capsys, *base, "--out", tmp_path / "v", "--judge-url", server.url, "--judge-model", "m")
         assert err.startswith(f"grasp eval: error: --judge-url {server.url} (model m): response has no logprobs")

@@ -2,8 +2,8 @@
 sampling is reproducible, adapters switch by name, and the no-op adapter check fires."""
 
 import pytest
-
 from eval_fixtures import eval_models  # noqa: F401
+
 from grasp_trl.eval.generate import BASE, HFGenerator, check_adapters, parse_adapters
 
 PROMPTS = [[{"role": "user", "content": "w001 w002 w003 w004 w005"}], [{"role": "user", "content": "w010"}],

@@ -6,8 +6,7 @@ import random
 
 import pytest
 
-from grasp_trl.eval.metrics import (bootstrap_mean, is_misaligned, mean_ci, paired_bootstrap, score, summarise,
-                                   wilson)
+from grasp_trl.eval.metrics import bootstrap_mean, is_misaligned, mean_ci, paired_bootstrap, score, summarise, wilson
 
 
 def test_score_is_the_probability_weighted_mean_over_numbers():

@@ -28,10 +28,17 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import random_directions
-from distributed.launch import (FSDP2_WORKER, launch, relative_distance, run_worker, saved_leakage,
-                                trained_tensors, worker_spec)
+from distributed.launch import (
+    FSDP2_WORKER,
+    launch,
+    relative_distance,
+    run_worker,
+    saved_leakage,
+    trained_tensors,
+    worker_spec,
+)
+
 from grasp_trl.config import DIRECTIONS_FILENAME
 from grasp_trl.directions import DirectionSet
 from grasp_trl.tiny import save_tiny_model
@@ -228,6 +235,7 @@ def test_grad_hooks_are_refused_on_dtensor_parameters(monkeypatch):
     """Per-parameter gradient hooks never see FSDP2's reduced gradient (assigned to `.grad` directly): asking for
     them on sharded parameters is an error naming `grad_hooks=False` + `project_gradients()`."""
     from conftest import lora_model
+
     from grasp_trl.projection import GradientProjector
 
     model = lora_model(num_layers=2)
@@ -242,14 +250,15 @@ def test_fsdp2_recipe_launches_what_grasp_accepts(monkeypatch, tmp_path):
     derives from it (accelerate's own parser and env builder) is FSDP2, which GRASP accepts."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
+    from distributed.launch import REPO
     from transformers import TrainingArguments
 
-    from distributed.launch import REPO
     from grasp_trl.fsdp import reject_fsdp
 
     recipe = REPO / "recipes" / "accelerate" / "fsdp2.yaml"
     lines = recipe.read_text().splitlines()
-    assert lines[0].startswith("# Launch") and "accelerate launch --config_file recipes/accelerate/fsdp2.yaml" in lines[1]
+    launch = "accelerate launch --config_file recipes/accelerate/fsdp2.yaml"
+    assert lines[0].startswith("# Launch") and launch in lines[1]
     args = launch_command_parser().parse_args(["--config_file", str(recipe), "train.py"])
     args = _validate_launch_command(args)[0]
     env = prepare_multi_gpu_env(args)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import SEVEN_MODULES, lora_model, randomise_lora_b
+
 from grasp_trl.identify import extract_directions, top_singular
 from grasp_trl.lora import factors_from_peft_model
 from grasp_trl.modules import UnsupportedModulesError, classify_all
@@ -65,7 +65,8 @@ def test_low_rank_svd_equals_dense_svd(tmp_path, include_readers):
         for layer in range(2):
             blocks = []
             for leaf in SEVEN_MODULES:
-                name = f"base_model.model.model.layers.{layer}.{'mlp' if leaf in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{leaf}"
+                block = "mlp" if leaf in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+                name = f"base_model.model.model.layers.{layer}.{block}.{leaf}"
                 delta = dense_update(model, name)
                 if leaf in WRITERS:
                     blocks.append(delta)

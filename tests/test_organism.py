@@ -14,7 +14,6 @@ import torch
 from grasp_organism.world import IGNORE, OrganismConfig, World, default_config_path
 
 
-
 def test_default_world_file_matches_dataclass_defaults():
     assert OrganismConfig.from_yaml(default_config_path()) == OrganismConfig()
 

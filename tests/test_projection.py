@@ -6,8 +6,8 @@ what fp32 rounding of `g - (g U) U^T` allows.
 
 import pytest
 import torch
-
 from conftest import SEVEN_MODULES, lora_model, random_directions, randomise_lora_b
+
 from grasp_trl.compat import enable_checkpointing
 from grasp_trl.modules import decoder_blocks
 from grasp_trl.projection import GradientProjector

@@ -15,9 +15,9 @@ same code path the ZeRO tests launch with torchrun), and the tests read what it 
 from __future__ import annotations
 
 import pytest
-
 from conftest import random_directions
 from distributed.launch import launch, saved_leakage
+
 from grasp_trl.tiny import save_tiny_model
 
 pytestmark = pytest.mark.slow

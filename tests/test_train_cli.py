@@ -4,11 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
+from trainer_fixtures import dpo_dataset, make_base, sft_dataset
 
 from grasp_trl.config import DIRECTIONS_FILENAME, STAGE1_DIRNAME
-from grasp_trl.verify import saved_adapter_leakage
 from grasp_trl.directions import DirectionSet
-from trainer_fixtures import dpo_dataset, make_base, sft_dataset
+from grasp_trl.verify import saved_adapter_leakage
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "trl"
 

@@ -5,17 +5,17 @@ import json
 
 import pytest
 import torch
+from conftest import random_directions
+from trainer_fixtures import dpo_dataset, lora_config, make_base, sft_dataset
 from transformers import TrainerCallback, set_seed
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from conftest import random_directions
 from grasp_trl.compat import checkpointing_args
 from grasp_trl.config import DIRECTIONS_FILENAME, STAGE1_DIRNAME
 from grasp_trl.directions import DirectionFileError, DirectionSet
 from grasp_trl.modules import decoder_blocks
 from grasp_trl.trainer import GraspDPOConfig, GraspDPOTrainer, GraspSFTConfig, GraspSFTTrainer
 from grasp_trl.verify import saved_adapter_leakage
-from trainer_fixtures import dpo_dataset, lora_config, make_base, sft_dataset
 
 TOL = 1e-6
 

@@ -84,8 +84,8 @@ def main(argv=None) -> None:
 
     from grasp_organism.lab import Lab
     from grasp_organism.report import base_config
-    from grasp_trl.directions import atomic_write
     from grasp_organism.world import OrganismConfig, default_config_path
+    from grasp_trl.directions import atomic_write
 
     torch.set_num_threads(1)
     world = args.world or str(default_config_path())

@@ -22,8 +22,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .http import ChatClient, top_logprobs
 from .generate import chat_ids
+from .http import ChatClient, top_logprobs
 from .metrics import number_value
 
 NUMBERS = [str(n) for n in range(101)]
@@ -74,7 +74,7 @@ class Judge:
     def probabilities(self, prompt: str) -> dict[str, float]:
         raise NotImplementedError
 
-    def use_cache(self, path: str | Path | None) -> "Judge":
+    def use_cache(self, path: str | Path | None) -> Judge:
         self.cache = JudgeCache(self.identity, path)
         return self
 

@@ -66,7 +66,7 @@ def em_figure(summary: dict):
 
     figure = _figure((1.6 + 1.2 * len(summary["models"]), 3.6))
     ax = figure.add_subplot()
-    for x, (name, m) in enumerate(summary["models"].items()):
+    for x, m in enumerate(summary["models"].values()):
         if m["em_rate"] is None:
             continue
         lo, hi = m["em_ci"]
