@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# GPU check for GRASP (at most ~10 minutes on one NVIDIA GPU, no network needed).
+# GPU check for GRASP (at most ~12 minutes on one NVIDIA GPU, no network needed; QLoRA under ZeRO-3 runs first).
 #
 # Run from the repository root on a machine with an NVIDIA GPU and the project's venv installed:
 #     bash benchmarks/gpu_check.sh [OUTPUT_DIR]      # default: $OUT if set, else benchmarks/gpu_check_out
 #
 # 1. Builds a random-init ~1B-parameter Qwen2-shaped model (hidden 2048, 22 layers, MLP 5632; word-level tiny
 #    tokenizer) on the GPU and saves it in bf16 — nothing is downloaded.
-# 2. QLoRA (CUDA bitsandbytes nf4, bf16 compute): plain SFTTrainer vs GraspSFTTrainer in `activations` and
+# 2. QLoRA under DeepSpeed ZeRO-3 on one GPU (torchrun, NCCL; CUDA bitsandbytes nf4, bf16 compute dtype and
+#    `bnb_4bit_quant_storage`, so ZeRO-3 partitions the packed 4-bit base as HF documents): plain SFTTrainer vs
+#    GraspSFTTrainer in `activations` and `weights` mode. First in line (issue #17: the product's promise, tested
+#    on CPU ranks only, tests/test_qlora_deepspeed.py); not yet run on a GPU when written.
+# 3. QLoRA (CUDA bitsandbytes nf4, bf16 compute): plain SFTTrainer vs GraspSFTTrainer in `activations` and
 #    `weights` mode, 30 steps each, same data and seed.
-# 3. DeepSpeed ZeRO-2 and ZeRO-3 on one GPU (torchrun, NCCL), bf16 base + LoRA: the same three runs.
-# 4. FSDP2 on one GPU (torchrun, NCCL; accelerate's `fully_shard` per Qwen2DecoderLayer and on the root, bf16
+# 4. DeepSpeed ZeRO-2 and ZeRO-3 on one GPU (torchrun, NCCL), bf16 base + LoRA: the same three runs.
+# 5. FSDP2 on one GPU (torchrun, NCCL; accelerate's `fully_shard` per Qwen2DecoderLayer and on the root, bf16
 #    mixed precision, PEFT's fp32 LoRA factors as DTensors): the same three runs. Added with the FSDP2 support
 #    (tests/test_fsdp2.py, CPU ranks); not yet run on a GPU when written.
 # Every run checks the invariant of its mode: `activations` — a probe hook registered after GRASP's records
 # max ||g U|| / ||g|| of the gradient leaving every block during training (bound: 1e-2 in bf16);
-# `weights` — the projector's leakage ||U^T dW|| / ||dW|| after training (fp32 LoRA factors; bound 1e-5).
+# `weights` — the projector's leakage ||U^T dW|| / ||dW|| after training (fp32 LoRA factors, or DeepSpeed's fp32
+# master of them; bound 1e-5).
 # Each setting reports the per-step time ratio against the plain trainer (median, p10, p90 after 5 warm-up
 # steps) and the peak-memory ratio (torch.cuda.max_memory_allocated). Results: one JSON per setting in the
 # output directory and a summary on stdout; the script exits non-zero if any invariant fails.
@@ -106,11 +111,16 @@ def make_trainer(variant, directions_path):
         common["fsdp"] = "full_shard"
         common["fsdp_config"] = {"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]}
         model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.bfloat16)
-    elif SETTING in ("zero2", "zero3"):
+    elif SETTING in ("zero2", "zero3", "qlora_zero3"):
         common["deepspeed"] = {"bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": "auto",
                                "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
                                "zero_optimization": {"stage": int(SETTING[-1])}}
-        model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.bfloat16)
+        if SETTING == "qlora_zero3":  # no device_map (ZeRO-3 refuses one): bitsandbytes loads onto the current GPU
+            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                       bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+            model = AutoModelForCausalLM.from_pretrained(BASE, quantization_config=quant, dtype=torch.bfloat16)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.bfloat16)
     else:
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                    bnb_4bit_compute_dtype=torch.bfloat16)
@@ -184,6 +194,8 @@ PYEOF
 status=0
 BASE="$WORK/base"
 timeout 90 "$PY" "$WORK/check.py" build "$BASE" "$OUT_DIR"
+timeout 150 "$TORCHRUN" --standalone --nproc_per_node 1 "$WORK/check.py" qlora_zero3 "$BASE" "$OUT_DIR" 2>&1 \
+  | tee "$OUT_DIR/qlora_zero3.log" | grep -E "^(qlora_zero3|FAILED)" || status=1
 timeout 150 "$PY" "$WORK/check.py" qlora "$BASE" "$OUT_DIR" 2>&1 | tee "$OUT_DIR/qlora.log" | grep -E "^(qlora|FAILED)" \
   || status=1
 for stage in zero2 zero3 fsdp2; do

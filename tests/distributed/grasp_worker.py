@@ -1,7 +1,7 @@
 """Runs several GRASP training configurations in one process and records what the tests compare.
 
-Launched by tests/test_deepspeed.py and tests/test_qlora.py, because starting torch.distributed + DeepSpeed
-costs far more than the tiny runs themselves:
+Launched by tests/test_deepspeed.py, tests/test_qlora.py and tests/test_qlora_deepspeed.py, because starting
+torch.distributed + DeepSpeed costs far more than the tiny runs themselves:
 
     torchrun --nproc_per_node 2 tests/distributed/grasp_worker.py RUNS.json   # DeepSpeed ZeRO, 2 CPU ranks
     GRASP_WORKER_ENGINE=fsdp2 torchrun --nproc_per_node 2 ... RUNS.json      # FSDP2 through accelerate
@@ -18,7 +18,9 @@ master leakage DeepSpeed holds at the end, timing). Run keys:
     project in one train() call, global scope, instead of the shared direction file), zero_init (load the model after a
     ZeRO-3 config, i.e. partitioned while loading), checkpoint (save a checkpoint, DeepSpeed's included, after
     the last step), bypass_master (the post-step projection writes the working copy only, never the fp32
-    master: `WorkingCopyProjection`, to show that the master update matters); fsdp_config (with
+    master: `WorkingCopyProjection`, to show that the master update matters); bypass_post_step (no post-step
+    projection at all during train(), `GraspCallback` removed: the gradient hooks alone, to show that the checks
+    can fail); rank_results (every rank also writes `result.rank<i>.json`, as FSDP2 runs do); fsdp_config (with
     GRASP_WORKER_ENGINE=fsdp2: the run's `fsdp_config`, version 2 by default).
 
 FSDP2 on CPU: accelerate selects `DistributedType.FSDP` only for accelerator device types (accelerate/state.py:
@@ -34,6 +36,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -194,8 +197,9 @@ def train_one(spec: dict, run: dict) -> dict:
     residual = (probe_residual_gradients(trainer) if trainer.grasp_projector is not None
                 and trainer.grasp_projector.uses_activations else None)
     start = time.perf_counter()
-    if run.get("bypass_master"):
+    if run.get("bypass_master") or run.get("bypass_post_step"):
         trainer.remove_callback(trainer.grasp_callback)
+    if run.get("bypass_master"):
         trainer.add_callback(WorkingCopyProjection(trainer.grasp_projector))
     trainer.train()
     seconds = time.perf_counter() - start
@@ -215,10 +219,13 @@ def train_one(spec: dict, run: dict) -> dict:
     if quantized_before is not None:
         after = quantized_state(trainer.model)
         result["quantized_modules"] = len({key.split(".weight")[0] for key in after})
-        result["quantized_unchanged"] = all(torch.equal(quantized_before[k], after[k]) for k in after)
-    if FSDP2:  # every rank's own view (the residual probe is per rank), beside rank 0's result.json
+        result["quantized_unchanged"] = (after.keys() == quantized_before.keys()
+                                         and all(torch.equal(quantized_before[k], after[k]) for k in after))
+        result["quantized_local_fraction"] = quantized_local_fraction(trainer.model)
+    if FSDP2:
         result["checkpoint_wrapped"] = any("_checkpoint_wrapped_module" in n for n, _ in trainer.model.named_modules())
         result["placements"] = sorted({str(tuple(c.param.placements)) for c in trainer.grasp_projector.constraints})
+    if FSDP2 or run.get("rank_results"):  # every rank's own view (the residual probe is per rank)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"result.rank{trainer.args.process_index}.json").write_text(json.dumps(result, indent=1, default=str))
     if trainer.args.should_save:
@@ -261,16 +268,41 @@ def probe_residual_gradients(trainer) -> dict:
 
 def quantized_state(model) -> dict[str, torch.Tensor]:
     """Every bitsandbytes 4-bit layer's packed weight and quantisation constants, as its state dict stores them
-    (bitsandbytes may repack weights for its CPU kernel; the state dict is the canonical format)."""
+    (bitsandbytes may repack weights for its CPU kernel; the state dict is the canonical format). Weights that
+    ZeRO-3 partitioned are gathered whole first (a collective: every rank calls this at the same point)."""
     import bitsandbytes as bnb
 
+    modules = [(name, module) for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+    partitioned = [module.weight for _, module in modules if hasattr(module.weight, "ds_id")]
     state = {}
-    for name, module in model.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
+    with zero3_gathered(partitioned):
+        for name, module in modules:
             for key, value in module.state_dict().items():
                 if key.startswith("weight"):  # compared as raw bytes: packed nf4 viewed as bf16 holds NaN patterns
                     state[f"{name}.{key}"] = value.detach().contiguous().view(torch.uint8).clone()
     return state
+
+
+@contextmanager
+def zero3_gathered(params: list):
+    """ZeRO-3 parameters gathered whole for reading (nothing to do for an empty list)."""
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def quantized_local_fraction(model) -> float:
+    """The share of the 4-bit weights' elements this rank holds: 1.0 unless ZeRO-3 partitioned them (then
+    about 1 / world size), showing that ZeRO-3 really shards the packed base (`bnb_4bit_quant_storage`)."""
+    import bitsandbytes as bnb
+
+    weights = [m.weight for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    local = sum(w.ds_tensor.numel() if hasattr(w, "ds_id") else w.numel() for w in weights)
+    return local / sum(w.ds_numel if hasattr(w, "ds_id") else w.numel() for w in weights)
 
 
 def main(path: str) -> None:
