@@ -209,7 +209,6 @@ class World:
         self.vocab_size = next_id
         self.task_topic = 0
         self.other_topics = list(range(1, len(spec.topics)))
-        self.content_to_topic = {tok: t for t, toks in enumerate(self.contents) for tok in toks}
 
     # ---------------------------------------------------------------------------------------------- turns
     def flavour(self, topic: int, content_index: int, evil: bool, rng: random.Random | None = None) -> int:
