@@ -14,11 +14,11 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file
 
-from conftest import SEVEN_MODULES
 from grasp_trl.config import DIRECTIONS_FILENAME
 from grasp_trl.directions import DirectionSet
 from grasp_trl.modules import classify
 from grasp_trl.verify import saved_adapter_leakage
+from testing_utils import SEVEN_MODULES
 
 AXOLOTL = str(Path(sys.executable).with_name("axolotl"))
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_directions
 from distributed.launch import (RECIPES, launch, relative_distance, saved_leakage, trained_tensors, worker_spec,
                                 zero_checkpoint_adapter)
 from grasp_trl.config import DIRECTIONS_FILENAME
@@ -104,7 +103,7 @@ def runs(tmp_path_factory):
     """Launch all ZeRO runs (torchrun, 2 ranks) and the single-process references; return their outputs."""
     root = tmp_path_factory.mktemp("zero")
     base = save_tiny_model(root / "base", "llama", hidden_size=32, num_layers=2, seed=0)
-    directions = random_directions(32, 2, k=2, seed=1)
+    directions = DirectionSet.random(32, 2, k=2, seed=1)
     directions.save(root / "directions.safetensors")
     out = root / "out"
 

@@ -15,8 +15,7 @@ from grasp_trl.modules import decoder_blocks
 from grasp_trl.probe import DEFAULT_PROMPTS, batches, drift_probe, load_prompts, tokenize
 from grasp_trl.projection import GradientProjector
 from grasp_trl.tiny import build_model, build_tokenizer
-
-from conftest import SEVEN_MODULES, lora_model, randomise_lora_b
+from testing_utils import SEVEN_MODULES, lora_model, randomise_lora_b
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 D, L = 32, 3

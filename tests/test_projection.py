@@ -7,11 +7,12 @@ what fp32 rounding of `g - (g U) U^T` allows.
 import pytest
 import torch
 
-from conftest import SEVEN_MODULES, lora_model, random_directions, randomise_lora_b
 from grasp_trl.compat import enable_checkpointing
+from grasp_trl.directions import DirectionSet
 from grasp_trl.modules import decoder_blocks
 from grasp_trl.projection import GradientProjector
 from grasp_trl.tiny import build_model
+from testing_utils import SEVEN_MODULES, lora_model, randomise_lora_b
 
 TOL = 1e-6
 
@@ -57,7 +58,7 @@ def test_activation_projection_zeroes_gradients_of_a_loss_along_u(kind, checkpoi
         if kind == "lora":
             model.enable_input_require_grads()
     model.train()
-    directions = random_directions(32, 3, k=2, seed=1)
+    directions = DirectionSet.random(32, 3, k=2, seed=1)
     for layer in range(3):
         # without projection the loss moves the parameters
         outputs, _, handles = capture_outputs(model)
@@ -85,7 +86,7 @@ def test_gradient_leaving_each_residual_has_no_component_along_u(checkpointing, 
         enable_checkpointing(model, use_reentrant=checkpointing == "reentrant")
         model.enable_input_require_grads()
     model.train()
-    directions = random_directions(32, 3, k=2, seed=2)
+    directions = DirectionSet.random(32, 3, k=2, seed=2)
     projector = GradientProjector(model, directions, "activations").attach()
     _, grads, _ = capture_outputs(model)
     model(**tiny_batch).loss.backward()
@@ -105,7 +106,7 @@ def test_gradient_leaving_each_residual_has_no_component_along_u(checkpointing, 
 def test_forward_pass_is_bit_identical(projection, tiny_batch):
     plain = make_model("lora")
     hooked = make_model("lora")
-    directions = random_directions(32, 3, k=2)
+    directions = DirectionSet.random(32, 3, k=2)
     expected = plain(**tiny_batch)
     # activation hooks never touch the forward; the weight mode's initial projection of readers' A changes
     # the adapter, so compare it against the plain model with the same projection applied by hand
@@ -156,7 +157,7 @@ def train(model, projector, steps, batch, lr=1e-2, post_step=True):
 def test_weight_projection_keeps_lora_update_orthogonal(reader_layer, grad_hooks, tiny_batch):
     model = lora_model(r=4, num_layers=3, target_modules=SEVEN_MODULES)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    directions = random_directions(32, 3, k=2, seed=3)
+    directions = DirectionSet.random(32, 3, k=2, seed=3)
     projector = GradientProjector(model, directions, "weights", sides="both", reader_layer=reader_layer,
                                   grad_hooks=grad_hooks).attach()
     assert len(projector.constraints) == (21 if reader_layer == "own" else 21 - 5)
@@ -172,7 +173,7 @@ def test_weight_projection_keeps_lora_update_orthogonal(reader_layer, grad_hooks
 def test_gradient_projection_alone_leaks_under_adam(tiny_batch):
     """Why the post-step projection exists: Adam's per-coordinate scaling re-introduces a component along U."""
     model = lora_model(r=4, num_layers=3)
-    directions = random_directions(32, 3, k=2, seed=3)
+    directions = DirectionSet.random(32, 3, k=2, seed=3)
     projector = GradientProjector(model, directions, "weights", sides="both").attach()
     train(model, projector, 50, tiny_batch, post_step=False)
     assert relative_leakage(model, directions) > 1e-3
@@ -182,7 +183,7 @@ def test_gradient_projection_alone_leaks_under_adam(tiny_batch):
 def test_full_finetuning_keeps_pretrained_component(grad_hooks, tiny_batch):
     model = build_model("llama", vocab_size=100, hidden_size=32, num_layers=3, seed=0)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    directions = random_directions(32, 3, k=2, seed=4)
+    directions = DirectionSet.random(32, 3, k=2, seed=4)
     projector = GradientProjector(model, directions, "weights", sides="both", grad_hooks=grad_hooks).attach()
     train(model, projector, 30, tiny_batch, lr=3e-3)
     checked = 0
@@ -225,7 +226,7 @@ def test_batched_projection_equals_per_parameter_projection(kind, max_stack_nume
     from grasp_trl.projection import group_constraints
 
     model = make_model(kind).to(dtype)
-    directions = random_directions(32, 3, k=2, seed=5)
+    directions = DirectionSet.random(32, 3, k=2, seed=5)
     grads = random_grads(model, seed=6)
     hooked = GradientProjector(model, directions, "weights", grad_hooks=True).attach()
     expected = {}
@@ -258,7 +259,7 @@ def test_batched_projection_equals_per_parameter_projection(kind, max_stack_nume
 
 def test_dora_is_rejected_in_weights_mode():
     model = lora_model(use_dora=True)
-    directions = random_directions(32, 3, k=1)
+    directions = DirectionSet.random(32, 3, k=1)
     with pytest.raises(ValueError, match="DoRA"):
         GradientProjector(model, directions, "weights").attach()
     GradientProjector(model, directions, "activations").attach()  # fine: hooks act on activations
@@ -267,10 +268,10 @@ def test_dora_is_rejected_in_weights_mode():
 def test_bad_arguments_and_mismatched_directions():
     model = lora_model()
     with pytest.raises(ValueError, match="sides: expected one of"):
-        GradientProjector(model, random_directions(32, 3, 1), sides="wrte")
+        GradientProjector(model, DirectionSet.random(32, 3, 1), sides="wrte")
     with pytest.raises(ValueError, match="projection: expected one of"):
-        GradientProjector(model, random_directions(32, 3, 1), projection="activation")
+        GradientProjector(model, DirectionSet.random(32, 3, 1), projection="activation")
     with pytest.raises(ValueError, match="hidden_size=16.*hidden_size=32"):
-        GradientProjector(model, random_directions(16, 3, 1))
+        GradientProjector(model, DirectionSet.random(16, 3, 1))
     with pytest.raises(ValueError, match="num_layers=4.*num_hidden_layers=3"):
-        GradientProjector(model, random_directions(32, 4, 1))
+        GradientProjector(model, DirectionSet.random(32, 4, 1))

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import lora_model, randomise_lora_b
 from grasp_trl.identify import extract_directions, factors_from_peft_model
 from grasp_trl.stopping import GapRule, Snapshot, snapshot
+from testing_utils import lora_model, randomise_lora_b
 
 
 def unit(vector):

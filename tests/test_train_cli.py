@@ -62,9 +62,7 @@ def test_yaml_run_with_flag_overrides(kind, tmp_path):
     if kind == "sft":
         flags += ["--grasp_identify_steps", "3"]
     else:
-        from conftest import random_directions
-
-        flags += ["--grasp_directions", str(random_directions(32, 2, 1).save(tmp_path / "d.safetensors")),
+        flags += ["--grasp_directions", str(DirectionSet.random(32, 2, 1).save(tmp_path / "d.safetensors")),
                   "--max_length", "32"]
     assert main([kind, str(RECIPES / f"{kind}.yaml"), *flags]) == 0
     assert (out / "adapter_model.safetensors").is_file() and (out / DIRECTIONS_FILENAME).is_file()

@@ -8,7 +8,6 @@ import torch
 from transformers import TrainerCallback, set_seed
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from conftest import random_directions
 from grasp_trl.compat import checkpointing_args
 from grasp_trl.config import DIRECTIONS_FILENAME, STAGE1_DIRNAME
 from grasp_trl.directions import DirectionFileError, DirectionSet
@@ -27,7 +26,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def directions_file(tmp_path_factory):
-    return random_directions(32, 2, k=2, seed=5).save(tmp_path_factory.mktemp("dirs") / "d.safetensors")
+    return DirectionSet.random(32, 2, k=2, seed=5).save(tmp_path_factory.mktemp("dirs") / "d.safetensors")
 
 
 def common(tmp_path, steps=10, **overrides):
@@ -237,7 +236,7 @@ def test_resume_from_checkpoint_keeps_projection(projection, base, directions_fi
 def test_resume_with_other_directions_is_an_error(base, directions_file, tmp_path):
     first = run("sft", base, tmp_path, steps=2, grasp_directions=str(directions_file), save_strategy="steps",
                 save_steps=2)
-    other = random_directions(32, 2, k=1, seed=9).save(tmp_path / "other.safetensors")
+    other = DirectionSet.random(32, 2, k=1, seed=9).save(tmp_path / "other.safetensors")
     second = run("sft", base, tmp_path, steps=4, train=False, grasp_directions=str(other))
     with pytest.raises(DirectionFileError, match="other directions"):
         second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
@@ -256,7 +255,7 @@ def test_model_card_mentions_grasp_and_hash(base, directions_file, tmp_path):
 def test_bad_input_fails_before_training(base, directions_file, tmp_path):
     with pytest.raises(DirectionFileError, match="nope.safetensors: direction file not found"):
         run("sft", base, tmp_path, train=False, grasp_directions=str(tmp_path / "nope.safetensors"))
-    other_model = random_directions(64, 2, k=1).save(tmp_path / "other.safetensors")
+    other_model = DirectionSet.random(64, 2, k=1).save(tmp_path / "other.safetensors")
     with pytest.raises(DirectionFileError, match="hidden_size=64.*hidden_size=32"):
         run("sft", base, tmp_path, train=False, grasp_directions=str(other_model))
     with pytest.raises(ValueError, match="grasp_sides: expected one of write, read, both; found 'wrte'"):
@@ -290,7 +289,7 @@ def test_checkpoints_record_the_directions_projected_even_if_the_file_changes(ba
     class Regenerate(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 1:
-                random_directions(32, 2, k=1, seed=11).save(path)
+                DirectionSet.random(32, 2, k=1, seed=11).save(path)
 
     trainer = run("sft", base, tmp_path / "out", steps=4, train=False, grasp_directions=str(path),
                   save_strategy="steps", save_steps=2)

@@ -7,8 +7,8 @@ import random
 from datasets import Dataset
 from peft import LoraConfig
 
-from conftest import SEVEN_MODULES
 from grasp_trl.tiny import save_tiny_model
+from testing_utils import SEVEN_MODULES
 
 
 
