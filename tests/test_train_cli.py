@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from grasp_trl.config import DIRECTIONS_FILENAME, STAGE1_DIRNAME
-from grasp_trl.verify import saved_adapter_leakage
 from grasp_trl.directions import DirectionSet
+from testing_utils import saved_lora_leakage
 from trainer_fixtures import dpo_dataset, make_base, sft_dataset
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "trl"
@@ -68,5 +68,5 @@ def test_yaml_run_with_flag_overrides(kind, tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / DIRECTIONS_FILENAME).is_file()
     if kind == "sft":
         assert (out / STAGE1_DIRNAME / "spectrum.json").is_file()
-    leakage = saved_adapter_leakage(out, DirectionSet.load(out / DIRECTIONS_FILENAME))
+    leakage = saved_lora_leakage(out, DirectionSet.load(out / DIRECTIONS_FILENAME))
     assert max(leakage.values()) <= 1e-6

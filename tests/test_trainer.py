@@ -13,7 +13,7 @@ from grasp_trl.config import DIRECTIONS_FILENAME, STAGE1_DIRNAME
 from grasp_trl.directions import DirectionFileError, DirectionSet
 from grasp_trl.modules import decoder_blocks
 from grasp_trl.trainer import GraspDPOConfig, GraspDPOTrainer, GraspSFTConfig, GraspSFTTrainer
-from grasp_trl.verify import saved_adapter_leakage
+from testing_utils import saved_lora_leakage
 from trainer_fixtures import dpo_dataset, lora_config, make_base, sft_dataset
 
 TOL = 1e-6
@@ -114,7 +114,7 @@ def test_each_mode_keeps_its_invariant_and_learns(kind, projection, checkpointin
     trainer.save_model()
     assert (tmp_path / DIRECTIONS_FILENAME).read_bytes() == directions_file.read_bytes()
     if projection in ("weights", "both"):
-        leakage = saved_adapter_leakage(tmp_path, directions)
+        leakage = saved_lora_leakage(tmp_path, directions)
         assert len(leakage) == 14 and max(leakage.values()) <= TOL, leakage
     if projection in ("activations", "both"):
         trainer.model.train()
@@ -229,7 +229,7 @@ def test_resume_from_checkpoint_keeps_projection(projection, base, directions_fi
     assert not (tmp_path / "cut" / STAGE1_DIRNAME).exists()
     assert_adapters_close(adapter(full), adapter(resumed), atol=1e-5)
     if projection == "weights":
-        leakage = saved_adapter_leakage(tmp_path / "cut" / "checkpoint-10", DirectionSet.load(directions_file))
+        leakage = saved_lora_leakage(tmp_path / "cut" / "checkpoint-10", DirectionSet.load(directions_file))
         assert max(leakage.values()) <= TOL
 
 
