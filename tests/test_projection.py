@@ -12,7 +12,7 @@ from grasp_trl.directions import DirectionSet
 from grasp_trl.modules import decoder_blocks
 from grasp_trl.projection import GradientProjector
 from grasp_trl.tiny import build_model
-from testing_utils import SEVEN_MODULES, lora_leakage, lora_model, randomise_lora_b
+from testing_utils import SEVEN_MODULES, block_of, lora_leakage, lora_model, randomise_lora_b, residual_role
 
 TOL = 1e-6
 
@@ -102,18 +102,52 @@ def test_gradient_leaving_each_residual_has_no_component_along_u(checkpointing, 
     assert all((g @ directions.bases[l]).norm() > 1e-3 * g.norm() for l, g in grads.items())
 
 
+def hand_projected_factors(model, directions):
+    """Per constrained LoRA factor (parameter name -> float64 tensor), the closest factor satisfying the
+    invariant, by hand from the model's current weights: readers' `A (I - U U^T)` (A's columns live in the
+    residual stream), writers' `(I - U U^T) B` (B's rows do)."""
+    result = {}
+    for name, param in model.named_parameters():
+        if ".lora_A." not in name and ".lora_B." not in name:
+            continue
+        module = name.split(".lora_")[0]
+        role, layer = residual_role(module), block_of(module)
+        basis = directions.bases[layer].double()
+        eye = torch.eye(basis.shape[0], dtype=torch.float64)
+        if role == "read" and ".lora_A." in name:
+            result[name] = param.detach().double() @ (eye - basis @ basis.T)
+        elif role == "write" and ".lora_B." in name:
+            result[name] = (eye - basis @ basis.T) @ param.detach().double()
+    return result
+
+
 @pytest.mark.parametrize("projection", ["activations", "weights", "both"])
 def test_forward_pass_is_bit_identical(projection, tiny_batch):
+    """Activation hooks never touch the forward: with the same weights the hooked model's forward equals a plain
+    one bit for bit. The weight mode's initial projection does change the adapter: every constrained factor
+    must become the float64 projection computed by hand (`hand_projected_factors`, from the unprojected weights),
+    to fp32 rounding; the plain model then gets the hooked model's weights copied in, with no projector of its
+    own, so the expected forward never comes from the projector under test."""
     plain = make_model("lora")
     hooked = make_model("lora")
     directions = DirectionSet.random(32, 3, k=2)
-    expected = plain(**tiny_batch)
-    # activation hooks never touch the forward; the weight mode's initial projection of readers' A changes
-    # the adapter, so compare it against the plain model with the same projection applied by hand
+    wanted = hand_projected_factors(plain, directions)
+    assert len(wanted) == 21
+    before = {n: p.detach().clone() for n, p in hooked.named_parameters()}
     GradientProjector(hooked, directions, projection).attach()
-    if projection != "activations":
-        GradientProjector(plain, directions, "weights").attach().detach()
-        expected = plain(**tiny_batch)
+    weights = dict(hooked.named_parameters())
+    if projection == "activations":
+        assert all(torch.equal(weights[n], p) for n, p in before.items())
+    else:
+        for name, factor in wanted.items():
+            error = float((weights[name].detach().double() - factor).norm() / factor.norm())
+            moved = float((before[name].double() - factor).norm() / factor.norm())
+            assert error <= TOL < moved, (name, error, moved)
+        assert all(torch.equal(weights[n], p) for n, p in before.items() if n not in wanted)
+    with torch.no_grad():
+        for name, param in plain.named_parameters():
+            param.copy_(weights[name])
+    expected = plain(**tiny_batch)
     got = hooked(**tiny_batch)
     assert torch.equal(got.logits, expected.logits) and torch.equal(got.loss, expected.loss)
 
