@@ -19,7 +19,8 @@ _BLOCK = re.compile(r"\.layers\.(\d+)\.")
 
 
 def lora_model(architecture="llama", *, r=4, target_modules=None, seed=0, hidden_size=32, num_layers=3, **lora):
-    """A tiny random model wrapped in a PEFT LoRA adapter (B randomised so the update is not zero)."""
+    """A tiny random model wrapped in a PEFT LoRA adapter; B is PEFT's zero init (`randomise_lora_b` makes the
+    update non-zero)."""
     from peft import LoraConfig, get_peft_model
 
     model = build_model(architecture, vocab_size=100, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
