@@ -12,13 +12,11 @@ import time
 from pathlib import Path
 
 import yaml
-from conftest import SEVEN_MODULES
 from safetensors.torch import load_file
 
 from grasp_trl.config import DIRECTIONS_FILENAME
 from grasp_trl.directions import DirectionSet
-from grasp_trl.modules import classify
-from grasp_trl.verify import saved_adapter_leakage
+from testing_utils import SEVEN_MODULES, residual_role, saved_lora_leakage
 
 AXOLOTL = str(Path(sys.executable).with_name("axolotl"))
 
@@ -100,14 +98,15 @@ def run_axolotl(cfg: dict | Path, workdir: Path, *args: str, timeout: float = 90
 
 
 def saved_leakage(adapter_dir: Path, directions_file: Path | None = None) -> dict[str, float]:
-    """Per LoRA module of the saved adapter, its relative leakage along the saved direction file's basis."""
+    """Per LoRA module of the saved adapter, its relative leakage along the saved direction file's basis (the
+    tests' own oracle, `testing_utils.saved_lora_leakage`)."""
     directions = DirectionSet.load(directions_file or adapter_dir / DIRECTIONS_FILENAME)
-    return saved_adapter_leakage(adapter_dir, directions)
+    return saved_lora_leakage(adapter_dir, directions)
 
 
 def assert_invariant(adapter_dir: Path, tol: float = 1e-6) -> dict[str, float]:
     ratios = saved_leakage(adapter_dir)
-    roles = {classify(m) for m in ratios}
+    roles = {residual_role(m) for m in ratios}
     assert roles == {"write", "read"}, f"expected constrained writers and readers in {adapter_dir}, found {roles}"
     worst = max(ratios, key=ratios.get)
     assert ratios[worst] <= tol, f"{worst}: leakage {ratios[worst]:.3e} > {tol:g}"

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models built from configs (no hub), offline environment."""
+"""Shared fixtures and the offline environment; plain helpers (tiny LoRA models) live in `testing_utils.py`."""
 
 import os
 
@@ -12,31 +12,11 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import pytest
 import torch
 
-from grasp_trl.directions import DirectionSet
-from grasp_trl.tiny import SEVEN_MODULES, build_model  # noqa: F401  (SEVEN_MODULES: imported from here)
-
-
-def random_directions(hidden_size: int, num_layers: int, k: int, seed: int = 0, layers=None) -> DirectionSet:
-    """Random orthonormal bases (d x k) for the given layers (all by default)."""
-    return DirectionSet.random(hidden_size, num_layers, k, seed=seed, layers=layers)
-
-
-def lora_model(architecture="llama", *, r=4, target_modules=None, seed=0, hidden_size=32, num_layers=3, **lora):
-    """A tiny random model wrapped in a PEFT LoRA adapter (B randomised so the update is not zero)."""
-    from peft import LoraConfig, get_peft_model
-
-    model = build_model(architecture, vocab_size=100, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules or SEVEN_MODULES, lora_dropout=0.0,
-                        **lora)
-    return get_peft_model(model, config)
-
-
-def randomise_lora_b(model, seed=0, scale=0.1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+from diagnostics_utils import D
+from grasp_trl.eval.example import save_adapter, save_judge
+from grasp_trl.identify import extract_directions
+from grasp_trl.tiny import build_tokenizer, save_tiny_model
+from testing_utils import lora_model, randomise_lora_b
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +30,53 @@ def one_thread():
 
 @pytest.fixture
 def tiny_batch():
+    """Two seeded rows of 12 token ids (labels = inputs) in the tiny vocabulary."""
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(4, 100, (2, 12), generator=generator)
     return {"input_ids": ids, "labels": ids.clone()}
+
+
+# ------------------------------------------------------------------------- diagnostics (probe, plots, drift)
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    generator = torch.Generator().manual_seed(0)
+    return [" ".join(f"w{int(i):03d}" for i in torch.randint(96, (int(n),), generator=generator))
+            for n in torch.randint(4, 12, (24,), generator=generator)]
+
+
+@pytest.fixture(scope="module")
+def u():
+    return torch.nn.functional.normalize(torch.randn(D, generator=torch.Generator().manual_seed(5)), dim=0)
+
+
+@pytest.fixture(scope="module")
+def identified():
+    model = lora_model(hidden_size=D, num_layers=4, r=4)
+    randomise_lora_b(model)
+    return extract_directions(model, k=2)
+
+
+# ---------------------------------------------------------------------------------------------- grasp eval
+@pytest.fixture(scope="session")
+def eval_models(tmp_path_factory):
+    """Saved tiny base model, adapters (changing `a`, `b`; all-zero `zero`; `foreign` from a wider base) and
+    judges (`judge_words`: numbers one token; `judge_digits`: numbers split into digits)."""
+    root = tmp_path_factory.mktemp("eval_models")
+    torch.manual_seed(0)
+    base = save_tiny_model(root / "base", num_layers=2, hidden_size=32)
+    other = save_tiny_model(root / "other_base", num_layers=2, hidden_size=48)
+    return {
+        "base": base,
+        "a": save_adapter(base, root / "adapter_a", b_scale=0.5, seed=1),
+        "b": save_adapter(base, root / "adapter_b", b_scale=0.5, seed=2),
+        "zero": save_adapter(base, root / "adapter_zero", b_scale=0.0),
+        "foreign": save_adapter(other, root / "adapter_foreign", b_scale=0.5),
+        "judge_words": save_judge(root / "judge_words", digits_only=False),
+        "judge_digits": save_judge(root / "judge_digits", digits_only=True),
+    }
+

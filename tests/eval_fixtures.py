@@ -10,11 +10,7 @@ import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
 import torch
-
-from grasp_trl.eval.example import save_adapter, save_judge
-from grasp_trl.tiny import save_tiny_model
 
 
 def chat_response(top: dict[str, float] | None, content: str | None = None) -> dict:
@@ -103,22 +99,3 @@ def local_judge_responder(judge):
         top = torch.topk(probs, 20)
         return chat_response({judge.tokenizer.decode([i]): p.item() for p, i in zip(top.values, top.indices)})
     return respond
-
-
-@pytest.fixture(scope="session")
-def eval_models(tmp_path_factory):
-    """Saved tiny base model, adapters (changing `a`, `b`; all-zero `zero`; `foreign` from a wider base) and
-    judges (`judge_words`: numbers one token; `judge_digits`: numbers split into digits)."""
-    root = tmp_path_factory.mktemp("eval_models")
-    torch.manual_seed(0)
-    base = save_tiny_model(root / "base", num_layers=2, hidden_size=32)
-    other = save_tiny_model(root / "other_base", num_layers=2, hidden_size=48)
-    return {
-        "base": base,
-        "a": save_adapter(base, root / "adapter_a", b_scale=0.5, seed=1),
-        "b": save_adapter(base, root / "adapter_b", b_scale=0.5, seed=2),
-        "zero": save_adapter(base, root / "adapter_zero", b_scale=0.0),
-        "foreign": save_adapter(other, root / "adapter_foreign", b_scale=0.5),
-        "judge_words": save_judge(root / "judge_words", digits_only=False),
-        "judge_digits": save_judge(root / "judge_digits", digits_only=True),
-    }

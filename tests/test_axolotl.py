@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from axolotl_fixtures import AXOLOTL, assert_invariant, cpu_config, lora_moved, run_axolotl, saved_leakage, write_data
-from conftest import lora_model, random_directions, randomise_lora_b
 from packaging.version import Version
 
+from axolotl_fixtures import AXOLOTL, assert_invariant, cpu_config, lora_moved, run_axolotl, saved_leakage, write_data
 from grasp_trl.config import DIRECTIONS_FILENAME, STAGE1_DIRNAME, GraspArguments, grasp_field_names
 from grasp_trl.directions import DirectionSet, sha256_of
 from grasp_trl.tiny import save_tiny_model
+from testing_utils import lora_model, randomise_lora_b
 
 try:
     AXOLOTL_VERSION = Version(importlib.metadata.version("axolotl"))
@@ -63,7 +63,7 @@ def workspace(tmp_path_factory):
     """One tiny model dir, the JSONL data and a random direction file, shared by every test here."""
     root = tmp_path_factory.mktemp("axolotl")
     model_dir = save_tiny_model(root / "model", "llama", hidden_size=HIDDEN, num_layers=LAYERS)
-    directions = random_directions(HIDDEN, LAYERS, k=2, seed=3).save(root / "directions.safetensors")
+    directions = DirectionSet.random(HIDDEN, LAYERS, k=2, seed=3).save(root / "directions.safetensors")
     return {"root": root, "model": model_dir, "data": write_data(root / "data"), "directions": directions}
 
 

@@ -26,14 +26,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import random_directions, randomise_lora_b
 from peft import LoraConfig, get_peft_model
-from trainer_fixtures import sft_dataset
 
 from grasp_trl import cli
 from grasp_trl.config import DIRECTIONS_FILENAME, STAGE1_DIRNAME
 from grasp_trl.directions import DirectionSet
 from grasp_trl.tiny import build_model, build_tokenizer, save_tiny_model
+from testing_utils import randomise_lora_b
+from trainer_fixtures import sft_dataset
 
 D, L = 32, 2
 HAS_AXOLOTL = importlib.util.find_spec("axolotl") is not None
@@ -72,11 +72,11 @@ def world(tmp_path_factory):
     for step in (5, 10):  # a naive run whose checkpoints diverged, for --auto
         shutil.copytree(w["nan_adapter"], root / "nan_run" / f"checkpoint-{step}")
     w["nan_run"] = root / "nan_run"
-    w["dirs"] = random_directions(D, L, 1, seed=2).save(root / "dirs.safetensors")
-    w["existing"] = random_directions(D, L, 1, seed=3).save(root / "existing.safetensors")
+    w["dirs"] = DirectionSet.random(D, L, 1, seed=2).save(root / "dirs.safetensors")
+    w["existing"] = DirectionSet.random(D, L, 1, seed=3).save(root / "existing.safetensors")
     w["empty"] = DirectionSet({}, L, {"hidden_size": D}).save(root / "empty.safetensors")
-    w["layer0"] = random_directions(D, L, 1, seed=4, layers=[0]).save(root / "layer0.safetensors")
-    other = random_directions(D, L, 1, seed=5)
+    w["layer0"] = DirectionSet.random(D, L, 1, seed=4, layers=[0]).save(root / "layer0.safetensors")
+    other = DirectionSet.random(D, L, 1, seed=5)
     w["other_base"] = DirectionSet(other.bases, L, {"hidden_size": D, "base_model": "some-org/other-model"}).save(
         root / "other_base.safetensors")
     torch.save(torch.randn(L + 1, D, D, generator=torch.Generator().manual_seed(0)), root / "full_rank.pt")
@@ -345,7 +345,7 @@ def test_bad_input(case, world, capsys):
 def test_direction_files_get_the_users_umask(tmp_path):
     previous = os.umask(0o027)
     try:
-        path = random_directions(D, L, 1).save(tmp_path / "d.safetensors")
+        path = DirectionSet.random(D, L, 1).save(tmp_path / "d.safetensors")
     finally:
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640

@@ -11,11 +11,12 @@ can fail.
 
 import pytest
 import torch
-from conftest import lora_model, random_directions, randomise_lora_b
 
+from grasp_trl.directions import DirectionSet
 from grasp_trl.modules import decoder_blocks
 from grasp_trl.projection import GradientProjector
 from grasp_trl.tiny import build_model
+from testing_utils import lora_model, randomise_lora_b
 
 TOL = 1e-6
 
@@ -56,7 +57,7 @@ def base_outputs(model, batch):
 @pytest.mark.parametrize("checkpointing", [None, "reentrant", "non_reentrant"])
 def test_component_along_u_is_the_base_one_and_the_rest_is_the_adapters(seed, checkpointing, tiny_batch):
     model = clamp_model(checkpointing, seed)
-    directions = random_directions(32, 3, k=2, seed=10 + seed)
+    directions = DirectionSet.random(32, 3, k=2, seed=10 + seed)
     reference = base_outputs(model, tiny_batch)
     unclamped = {l: h.detach() for l, h in block_outputs(model, tiny_batch).items()}
     projector = GradientProjector(model, directions, "clamp").attach()
@@ -78,7 +79,7 @@ def test_component_along_u_is_the_base_one_and_the_rest_is_the_adapters(seed, ch
 @pytest.mark.parametrize("checkpointing", [None, "reentrant", "non_reentrant"])
 def test_loss_through_u_moves_no_parameter(checkpointing, tiny_batch):
     model = clamp_model(checkpointing)
-    directions = random_directions(32, 3, k=2, seed=3)
+    directions = DirectionSet.random(32, 3, k=2, seed=3)
     for layer, basis in directions.bases.items():
         def loss():
             model.zero_grad(set_to_none=True)
@@ -95,7 +96,7 @@ def test_loss_through_u_moves_no_parameter(checkpointing, tiny_batch):
 
 def test_eval_and_no_grad_forwards_are_untouched(tiny_batch):
     model = clamp_model()
-    directions = random_directions(32, 3, k=2, seed=4)
+    directions = DirectionSet.random(32, 3, k=2, seed=4)
     model.eval()
     expected = model(**tiny_batch).logits.detach()
     with GradientProjector(model, directions, "clamp"):
@@ -112,7 +113,7 @@ def test_training_loss_matches_the_formula(tiny_batch):
     from grasp_trl.modules import block_output_hooks
 
     model = clamp_model()
-    directions = random_directions(32, 3, k=1, seed=5)
+    directions = DirectionSet.random(32, 3, k=1, seed=5)
     reference = {l: h @ directions.bases[l] for l, h in base_outputs(model, tiny_batch).items()}
 
     def by_hand(layer, hidden):
@@ -128,4 +129,4 @@ def test_training_loss_matches_the_formula(tiny_batch):
 def test_full_finetuning_is_refused_with_the_alternative():
     model = build_model("llama", vocab_size=100, hidden_size=32, num_layers=3, seed=0)
     with pytest.raises(ValueError, match=r"clamp.*PEFT.*found a plain LlamaForCausalLM.*'activations' or 'both'"):
-        GradientProjector(model, random_directions(32, 3, k=1), "clamp").attach()
+        GradientProjector(model, DirectionSet.random(32, 3, k=1), "clamp").attach()

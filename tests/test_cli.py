@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_directions, randomise_lora_b
 from peft import LoraConfig, get_peft_model
 
 from grasp_trl import cli
 from grasp_trl.directions import DirectionSet
 from grasp_trl.tiny import build_model, build_tokenizer, save_tiny_model
+from testing_utils import randomise_lora_b
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 D, L = 32, 2
@@ -32,7 +32,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     base = save_tiny_model(root / "base", "llama", hidden_size=D, num_layers=L, seed=0)
     adapter = save_adapter(root / "adapter")
-    directions = random_directions(D, L, 1, seed=2).save(root / "dirs.safetensors")
+    directions = DirectionSet.random(D, L, 1, seed=2).save(root / "dirs.safetensors")
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"w00{i} w01{i} w02{i}"}) + "\n" for i in range(8)))
     return {"root": root, "base": base, "adapter": adapter, "directions": directions, "prompts": prompts}
@@ -83,7 +83,7 @@ def test_probe_error_paths_are_one_line(files, capsys, tmp_path):
     bad_directions.write_bytes(b"garbage")
     bad_prompts = tmp_path / "bad.jsonl"
     bad_prompts.write_text('{"prompt": "w001"}\nnot json\n')
-    other_model = random_directions(48, L, 1).save(tmp_path / "d48.safetensors")
+    other_model = DirectionSet.random(48, L, 1).save(tmp_path / "d48.safetensors")
     cases = [
         ({"--adapter": tmp_path / "missing"}, ["missing", "not found"]),
         ({"--adapter": not_adapter}, ["empty", "not a PEFT adapter directory"]),
@@ -116,7 +116,7 @@ def test_inspect_plot_and_logit_lens(files, capsys, tmp_path):
     code, _, err = run(capsys, "inspect", tmp_path / "missing.safetensors", "--plot", tmp_path / "x.png")
     assert_one_error_line(code, err, "inspect", "missing.safetensors", "not found")
     assert not (tmp_path / "x.png").exists()
-    d48 = random_directions(48, L, 1).save(tmp_path / "d48.safetensors")
+    d48 = DirectionSet.random(48, L, 1).save(tmp_path / "d48.safetensors")
     code, _, err = run(capsys, "inspect", d48, "--model", files["base"])
     assert_one_error_line(code, err, "inspect", "hidden_size=48")
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_directions
+
 from distributed.launch import (
     RECIPES,
     launch,
@@ -35,7 +35,6 @@ from distributed.launch import (
     worker_spec,
     zero_checkpoint_adapter,
 )
-
 from grasp_trl.config import DIRECTIONS_FILENAME
 from grasp_trl.directions import DirectionSet
 from grasp_trl.projection import GradientProjector
@@ -111,7 +110,7 @@ def runs(tmp_path_factory):
     """Launch all ZeRO runs (torchrun, 2 ranks) and the single-process references; return their outputs."""
     root = tmp_path_factory.mktemp("zero")
     base = save_tiny_model(root / "base", "llama", hidden_size=32, num_layers=2, seed=0)
-    directions = random_directions(32, 2, k=2, seed=1)
+    directions = DirectionSet.random(32, 2, k=2, seed=1)
     directions.save(root / "directions.safetensors")
     out = root / "out"
 

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-from conftest import lora_model, random_directions
 
 from grasp_trl.directions import DirectionFileError, DirectionSet
+from testing_utils import lora_model
 
 
 def test_round_trip_keeps_bases_and_metadata(tmp_path):
-    directions = random_directions(32, 3, k=2, layers=[0, 2]).with_metadata(
+    directions = DirectionSet.random(32, 3, k=2, layers=[0, 2]).with_metadata(
         scope="per_layer", singular_values={"0": [3.0, 1.0]})
     path = directions.save(tmp_path / "d.safetensors")
     loaded = DirectionSet.load(path)
@@ -24,10 +24,10 @@ def test_round_trip_keeps_bases_and_metadata(tmp_path):
 
 def test_validate_for_names_both_sides(tmp_path):
     model = lora_model(num_layers=3)
-    random_directions(32, 3, 1).validate_for(model)
+    DirectionSet.random(32, 3, 1).validate_for(model)
     with pytest.raises(DirectionFileError, match=r"hidden_size=64.*hidden_size=32"):
-        random_directions(64, 3, 1).validate_for(model)
-    path = random_directions(32, 5, 1).save(tmp_path / "five.safetensors")
+        DirectionSet.random(64, 3, 1).validate_for(model)
+    path = DirectionSet.random(32, 5, 1).save(tmp_path / "five.safetensors")
     with pytest.raises(DirectionFileError, match=r"five.safetensors.*num_layers=5.*num_hidden_layers=3"):
         DirectionSet.load(path).validate_for(model)
 
@@ -56,7 +56,7 @@ def test_slightly_off_basis_is_reorthonormalised_with_a_warning():
 def test_bad_files(tmp_path):
     with pytest.raises(DirectionFileError, match="missing.safetensors: direction file not found"):
         DirectionSet.load(tmp_path / "missing.safetensors")
-    path = random_directions(32, 3, 2).save(tmp_path / "d.safetensors")
+    path = DirectionSet.random(32, 3, 2).save(tmp_path / "d.safetensors")
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(DirectionFileError, match="truncated.safetensors: not a readable safetensors file"):
@@ -81,7 +81,7 @@ def test_bad_files(tmp_path):
 
 
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
-    path = random_directions(32, 3, 1, seed=0).save(tmp_path / "d.safetensors")
+    path = DirectionSet.random(32, 3, 1, seed=0).save(tmp_path / "d.safetensors")
     before = path.read_bytes()
 
     def broken_save(tensors, filename, metadata=None):
@@ -91,13 +91,13 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr("safetensors.torch.save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        random_directions(32, 3, 1, seed=1).save(path)
+        DirectionSet.random(32, 3, 1, seed=1).save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]  # no temp file left behind
 
 
 def test_restricted_to_layers():
-    directions = random_directions(32, 4, 1)
+    directions = DirectionSet.random(32, 4, 1)
     assert sorted(directions.restricted_to([1, 3]).bases) == [1, 3]
     with pytest.raises(DirectionFileError, match=r"grasp_layers: \[7\] out of range"):
         directions.restricted_to([7])
@@ -109,7 +109,7 @@ def test_saved_files_get_the_users_umask_not_mkstemps_0600(tmp_path):
 
     previous = os.umask(0o022)
     try:
-        path = random_directions(8, 2, k=1).save(tmp_path / "d.safetensors")
+        path = DirectionSet.random(8, 2, k=1).save(tmp_path / "d.safetensors")
     finally:
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -6,8 +6,8 @@ import shutil
 import textwrap
 
 import pytest
-from eval_fixtures import ChatServer, chat_response, eval_models, scripted_judge  # noqa: F401
 
+from eval_fixtures import ChatServer, chat_response, scripted_judge
 from grasp_trl.cli import main
 from grasp_trl.directions import sha256_of
 from grasp_trl.eval.judge import NO_JUDGE

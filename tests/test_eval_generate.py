@@ -2,7 +2,6 @@
 sampling is reproducible, adapters switch by name, and the no-op adapter check fires."""
 
 import pytest
-from eval_fixtures import eval_models  # noqa: F401
 
 from grasp_trl.eval.generate import BASE, HFGenerator, check_adapters, parse_adapters
 

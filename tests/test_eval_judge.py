@@ -6,8 +6,8 @@ import socket
 
 import pytest
 import torch
-from eval_fixtures import ChatServer, chat_response, eval_models, local_judge_responder, scripted_judge  # noqa: F401
 
+from eval_fixtures import ChatServer, chat_response, local_judge_responder, scripted_judge
 from grasp_trl.eval.config import EvalConfig
 from grasp_trl.eval.judge import NO_JUDGE, NUMBERS, PROBE_PROMPT, HTTPJudge, LocalJudge, judge_from
 from grasp_trl.eval.metrics import score

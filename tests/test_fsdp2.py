@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import random_directions
+
 from distributed.launch import (
     FSDP2_WORKER,
     launch,
@@ -38,7 +38,6 @@ from distributed.launch import (
     trained_tensors,
     worker_spec,
 )
-
 from grasp_trl.config import DIRECTIONS_FILENAME
 from grasp_trl.directions import DirectionSet
 from grasp_trl.tiny import save_tiny_model
@@ -95,15 +94,15 @@ def raw(tmp_path_factory):
     runs = [{"name": "dtensor_unit"}] + [{"name": name, "steps": STEPS, **settings}
                                          for name, settings in RAW_RUNS.items()]
     run_worker(FSDP2_WORKER, {"out_dir": str(out), "runs": runs}, root / "launch", distributed=True)
-    # the worker's directions (random_directions(32, 2, k=2, seed=1)), for the saved-adapter checks
-    return {"out": out, "directions": random_directions(32, 2, k=2, seed=1)}
+    # the worker's directions (DirectionSet.random(32, 2, k=2, seed=1)), for the saved-adapter checks
+    return {"out": out, "directions": DirectionSet.random(32, 2, k=2, seed=1)}
 
 
 @pytest.fixture(scope="module")
 def trainer_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp2_trainer")
     base = save_tiny_model(root / "base", "llama", hidden_size=32, num_layers=2, seed=0)
-    random_directions(32, 2, k=2, seed=1).save(root / "directions.safetensors")
+    DirectionSet.random(32, 2, k=2, seed=1).save(root / "directions.safetensors")
     out = root / "out"
 
     def spec(table, per_device):
@@ -234,12 +233,11 @@ def test_fsdp1_and_clamp_are_rejected_fsdp2_accepted(tmp_path, monkeypatch):
 def test_grad_hooks_are_refused_on_dtensor_parameters(monkeypatch):
     """Per-parameter gradient hooks never see FSDP2's reduced gradient (assigned to `.grad` directly): asking for
     them on sharded parameters is an error naming `grad_hooks=False` + `project_gradients()`."""
-    from conftest import lora_model
-
     from grasp_trl.projection import GradientProjector
+    from testing_utils import lora_model
 
     model = lora_model(num_layers=2)
-    projector = GradientProjector(model, random_directions(32, 2, k=1), "weights")
+    projector = GradientProjector(model, DirectionSet.random(32, 2, k=1), "weights")
     monkeypatch.setattr(GradientProjector, "_sharded", lambda self: True)
     with pytest.raises(ValueError, match="grad_hooks=False.*project_gradients"):
         projector.attach()
@@ -250,9 +248,9 @@ def test_fsdp2_recipe_launches_what_grasp_accepts(monkeypatch, tmp_path):
     derives from it (accelerate's own parser and env builder) is FSDP2, which GRASP accepts."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
-    from distributed.launch import REPO
     from transformers import TrainingArguments
 
+    from distributed.launch import REPO
     from grasp_trl.fsdp import reject_fsdp
 
     recipe = REPO / "recipes" / "accelerate" / "fsdp2.yaml"

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import SEVEN_MODULES, lora_model, randomise_lora_b
 
 from grasp_trl.identify import extract_directions, top_singular
 from grasp_trl.lora import factors_from_peft_model
 from grasp_trl.modules import UnsupportedModulesError, classify_all
+from testing_utils import SEVEN_MODULES, lora_model, randomise_lora_b
 
 WRITERS = ("o_proj", "down_proj")
 

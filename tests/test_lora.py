@@ -4,8 +4,15 @@ against PEFT's own dense `get_delta_weight` on random adapters."""
 import pytest
 import torch
 
-from grasp_trl.lora import (active_adapter, basis_layer, constrained_factor, factors_from_adapter_dir,
-                            factors_from_peft_model, lora_modules, residual_lora_modules)
+from grasp_trl.lora import (
+    active_adapter,
+    basis_layer,
+    constrained_factor,
+    factors_from_adapter_dir,
+    factors_from_peft_model,
+    lora_modules,
+    residual_lora_modules,
+)
 from grasp_trl.modules import classify
 from grasp_trl.tiny import SEVEN_MODULES
 
@@ -14,7 +21,7 @@ TOL = 1e-6  # PEFT forms dW in the weights' fp32; ours is float64: fp32 rounding
 
 @pytest.fixture
 def adapter():
-    from conftest import lora_model, randomise_lora_b
+    from testing_utils import lora_model, randomise_lora_b
 
     model = lora_model("llama", r=3, target_modules=SEVEN_MODULES, num_layers=2, seed=1)
     randomise_lora_b(model, seed=2, scale=0.5)

@@ -15,9 +15,9 @@ same code path the ZeRO tests launch with torchrun), and the tests read what it 
 from __future__ import annotations
 
 import pytest
-from conftest import random_directions
-from distributed.launch import launch, saved_leakage
 
+from distributed.launch import launch, saved_leakage
+from grasp_trl.directions import DirectionSet
 from grasp_trl.tiny import save_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def qlora_runs(tmp_path_factory):
     pytest.importorskip("bitsandbytes")
     root = tmp_path_factory.mktemp("qlora")
     base = save_tiny_model(root / "base", "llama", hidden_size=64, num_layers=2, seed=0)
-    directions = random_directions(64, 2, k=2, seed=1)
+    directions = DirectionSet.random(64, 2, k=2, seed=1)
     directions.save(root / "directions.safetensors")
     runs = [{"name": f"qlora_{mode}", "out_dir": str(root / "out"), "projection": mode, "qlora": True,
              "gradient_checkpointing": True, "steps": STEPS, "per_device": 8, "lr": 1e-2}

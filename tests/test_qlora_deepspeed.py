@@ -30,8 +30,8 @@ import json
 
 import pytest
 
-from conftest import random_directions
 from distributed.launch import RECIPES, launch, saved_leakage, worker_spec
+from grasp_trl.directions import DirectionSet
 from grasp_trl.tiny import save_tiny_model
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -65,7 +65,7 @@ def qlora_zero(tmp_path_factory):
     pytest.importorskip("deepspeed")
     root = tmp_path_factory.mktemp("qlora_zero")
     base = save_tiny_model(root / "base", "llama", hidden_size=64, num_layers=2, seed=0)  # test_qlora.py's
-    directions = random_directions(64, 2, k=2, seed=1)
+    directions = DirectionSet.random(64, 2, k=2, seed=1)
     directions.save(root / "directions.safetensors")
     out = root / "out"
     launch(worker_spec(base, root / "directions.safetensors", out, ALL_RUNS, STEPS, per_device=4), root / "launch",

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lora_model, randomise_lora_b
 
 from grasp_trl.identify import extract_directions
 from grasp_trl.lora import factors_from_peft_model
 from grasp_trl.stopping import GapRule, Snapshot, snapshot
+from testing_utils import lora_model, randomise_lora_b
 
 
 def unit(vector):
@@ -90,7 +90,6 @@ def test_two_run_workflow_picks_the_step_the_one_run_rule_stops_at(tmp_path):
     directions."""
     import json
 
-    from trainer_fixtures import lora_config, make_base, sft_dataset
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
@@ -98,6 +97,7 @@ def test_two_run_workflow_picks_the_step_the_one_run_rule_stops_at(tmp_path):
     from grasp_trl.config import DIRECTIONS_FILENAME, STAGE1_DIRNAME
     from grasp_trl.directions import DirectionSet
     from grasp_trl.trainer import GraspSFTConfig, GraspSFTTrainer
+    from trainer_fixtures import lora_config, make_base, sft_dataset
 
     base = make_base(tmp_path / "base")
     common = dict(max_steps=10, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,

@@ -4,11 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
-from trainer_fixtures import dpo_dataset, make_base, sft_dataset
 
 from grasp_trl.config import DIRECTIONS_FILENAME, STAGE1_DIRNAME
 from grasp_trl.directions import DirectionSet
-from grasp_trl.verify import saved_adapter_leakage
+from testing_utils import saved_lora_leakage
+from trainer_fixtures import dpo_dataset, make_base, sft_dataset
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "trl"
 
@@ -62,13 +62,11 @@ def test_yaml_run_with_flag_overrides(kind, tmp_path):
     if kind == "sft":
         flags += ["--grasp_identify_steps", "3"]
     else:
-        from conftest import random_directions
-
-        flags += ["--grasp_directions", str(random_directions(32, 2, 1).save(tmp_path / "d.safetensors")),
+        flags += ["--grasp_directions", str(DirectionSet.random(32, 2, 1).save(tmp_path / "d.safetensors")),
                   "--max_length", "32"]
     assert main([kind, str(RECIPES / f"{kind}.yaml"), *flags]) == 0
     assert (out / "adapter_model.safetensors").is_file() and (out / DIRECTIONS_FILENAME).is_file()
     if kind == "sft":
         assert (out / STAGE1_DIRNAME / "spectrum.json").is_file()
-    leakage = saved_adapter_leakage(out, DirectionSet.load(out / DIRECTIONS_FILENAME))
+    leakage = saved_lora_leakage(out, DirectionSet.load(out / DIRECTIONS_FILENAME))
     assert max(leakage.values()) <= 1e-6

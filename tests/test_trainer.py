@@ -5,8 +5,6 @@ import json
 
 import pytest
 import torch
-from conftest import random_directions
-from trainer_fixtures import dpo_dataset, lora_config, make_base, sft_dataset
 from transformers import TrainerCallback, set_seed
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
@@ -15,7 +13,8 @@ from grasp_trl.config import DIRECTIONS_FILENAME, STAGE1_DIRNAME
 from grasp_trl.directions import DirectionFileError, DirectionSet
 from grasp_trl.modules import decoder_blocks
 from grasp_trl.trainer import GraspDPOConfig, GraspDPOTrainer, GraspSFTConfig, GraspSFTTrainer
-from grasp_trl.verify import saved_adapter_leakage
+from testing_utils import saved_lora_leakage
+from trainer_fixtures import dpo_dataset, lora_config, make_base, sft_dataset
 
 TOL = 1e-6
 
@@ -27,7 +26,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def directions_file(tmp_path_factory):
-    return random_directions(32, 2, k=2, seed=5).save(tmp_path_factory.mktemp("dirs") / "d.safetensors")
+    return DirectionSet.random(32, 2, k=2, seed=5).save(tmp_path_factory.mktemp("dirs") / "d.safetensors")
 
 
 def common(tmp_path, steps=10, **overrides):
@@ -116,7 +115,7 @@ def test_each_mode_keeps_its_invariant_and_learns(kind, projection, checkpointin
     trainer.save_model()
     assert (tmp_path / DIRECTIONS_FILENAME).read_bytes() == directions_file.read_bytes()
     if projection in ("weights", "both"):
-        leakage = saved_adapter_leakage(tmp_path, directions)
+        leakage = saved_lora_leakage(tmp_path, directions)
         assert len(leakage) == 14 and max(leakage.values()) <= TOL, leakage
     if projection in ("activations", "both"):
         trainer.model.train()
@@ -231,14 +230,14 @@ def test_resume_from_checkpoint_keeps_projection(projection, base, directions_fi
     assert not (tmp_path / "cut" / STAGE1_DIRNAME).exists()
     assert_adapters_close(adapter(full), adapter(resumed), atol=1e-5)
     if projection == "weights":
-        leakage = saved_adapter_leakage(tmp_path / "cut" / "checkpoint-10", DirectionSet.load(directions_file))
+        leakage = saved_lora_leakage(tmp_path / "cut" / "checkpoint-10", DirectionSet.load(directions_file))
         assert max(leakage.values()) <= TOL
 
 
 def test_resume_with_other_directions_is_an_error(base, directions_file, tmp_path):
     first = run("sft", base, tmp_path, steps=2, grasp_directions=str(directions_file), save_strategy="steps",
                 save_steps=2)
-    other = random_directions(32, 2, k=1, seed=9).save(tmp_path / "other.safetensors")
+    other = DirectionSet.random(32, 2, k=1, seed=9).save(tmp_path / "other.safetensors")
     second = run("sft", base, tmp_path, steps=4, train=False, grasp_directions=str(other))
     with pytest.raises(DirectionFileError, match="other directions"):
         second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
@@ -257,7 +256,7 @@ def test_model_card_mentions_grasp_and_hash(base, directions_file, tmp_path):
 def test_bad_input_fails_before_training(base, directions_file, tmp_path):
     with pytest.raises(DirectionFileError, match="nope.safetensors: direction file not found"):
         run("sft", base, tmp_path, train=False, grasp_directions=str(tmp_path / "nope.safetensors"))
-    other_model = random_directions(64, 2, k=1).save(tmp_path / "other.safetensors")
+    other_model = DirectionSet.random(64, 2, k=1).save(tmp_path / "other.safetensors")
     with pytest.raises(DirectionFileError, match="hidden_size=64.*hidden_size=32"):
         run("sft", base, tmp_path, train=False, grasp_directions=str(other_model))
     with pytest.raises(ValueError, match="grasp_sides: expected one of write, read, both; found 'wrte'"):
@@ -291,7 +290,7 @@ def test_checkpoints_record_the_directions_projected_even_if_the_file_changes(ba
     class Regenerate(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 1:
-                random_directions(32, 2, k=1, seed=11).save(path)
+                DirectionSet.random(32, 2, k=1, seed=11).save(path)
 
     trainer = run("sft", base, tmp_path / "out", steps=4, train=False, grasp_directions=str(path),
                   save_strategy="steps", save_steps=2)

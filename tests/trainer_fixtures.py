@@ -4,11 +4,11 @@ Every dataset row has the same token length, so any split into micro-batches or 
 
 import random
 
-from conftest import SEVEN_MODULES
 from datasets import Dataset
 from peft import LoraConfig
 
 from grasp_trl.tiny import save_tiny_model
+from testing_utils import SEVEN_MODULES
 
 
 def words(rng, low, high, n):

@@ -44,7 +44,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
-from conftest import SEVEN_MODULES, random_directions  # noqa: E402
+from grasp_trl.directions import DirectionSet  # noqa: E402
+from testing_utils import SEVEN_MODULES  # noqa: E402
 
 HIDDEN, LAYERS, VOCAB, ROWS, SEQ = 32, 2, 100, 8, 16
 
@@ -274,7 +275,7 @@ def main(path: str) -> None:
     spec = json.loads(Path(path).read_text())
     dist.init_process_group("gloo")
     out = Path(spec["out_dir"])
-    directions = random_directions(HIDDEN, LAYERS, k=2, seed=1)
+    directions = DirectionSet.random(HIDDEN, LAYERS, k=2, seed=1)
     batch = torch.randint(4, VOCAB, (ROWS, SEQ), generator=torch.Generator().manual_seed(5))
     try:
         for run in spec["runs"]:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from grasp_trl.directions import DirectionSet
-from grasp_trl.verify import saved_adapter_leakage
+from testing_utils import saved_lora_leakage
 
 WORKER = Path(__file__).with_name("grasp_worker.py")
 FSDP2_WORKER = Path(__file__).with_name("fsdp2_worker.py")
@@ -99,8 +99,9 @@ def relative_distance(found: dict[str, torch.Tensor], expected: dict[str, torch.
 
 
 def saved_leakage(adapter_dir: Path, directions: DirectionSet) -> float:
-    """Largest relative component along the directions of any writer/reader update in a saved adapter."""
-    by_module = saved_adapter_leakage(adapter_dir, directions)
+    """Largest relative component along the directions of any writer/reader update in a saved adapter (the
+    tests' own oracle, `testing_utils.saved_lora_leakage`)."""
+    by_module = saved_lora_leakage(adapter_dir, directions)
     assert len(by_module) == 7 * len(directions.bases), sorted(by_module)
     return max(by_module.values())
 
