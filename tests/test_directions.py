@@ -113,3 +113,25 @@ def test_saved_files_get_the_users_umask_not_mkstemps_0600(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_set_is_an_immutable_value_with_explicit_provenance(tmp_path):
+    """Nothing can change a set after construction; variants are new sets; only `load` gives a `path`, and the
+    bytes it read stay the set's `file_bytes` whatever happens to the file afterwards."""
+    directions = DirectionSet.random(16, 2, k=1, seed=3)
+    for attempt in (lambda: setattr(directions, "num_layers", 5), lambda: setattr(directions, "metadata", {}),
+                    lambda: directions.bases.__setitem__(0, torch.zeros(16, 1)),
+                    lambda: directions.metadata.__setitem__("scope", "global")):
+        with pytest.raises((AttributeError, TypeError)):
+            attempt()
+    tagged = directions.with_metadata(scope="global", base_model="tiny")
+    assert tagged.metadata["scope"] == "global" and "scope" not in directions.metadata
+    assert torch.equal(tagged.bases[1], directions.bases[1]) and directions.path is None and tagged.path is None
+    path = directions.save(tmp_path / "d.safetensors")
+    loaded = DirectionSet.load(path)
+    assert loaded.path == path and loaded.source == str(path)
+    recorded = loaded.file_bytes
+    DirectionSet.random(16, 2, k=1, seed=4).save(tmp_path / "other.safetensors")
+    path.write_bytes((tmp_path / "other.safetensors").read_bytes())  # the file is replaced on disk
+    assert loaded.file_bytes == recorded and loaded.sha256 != DirectionSet.load(path).sha256
+    assert loaded.restricted_to([0]).path is None  # a derived set is not the file

@@ -290,3 +290,23 @@ def test_bad_arguments_and_mismatched_directions():
         GradientProjector(model, DirectionSet.random(16, 3, 1))
     with pytest.raises(ValueError, match="num_layers=4.*num_hidden_layers=3"):
         GradientProjector(model, DirectionSet.random(32, 4, 1))
+
+
+def test_timing_hook_counts_only_while_on(tiny_batch):
+    """`projector.timing` (the overhead benchmark's seam): off, nothing is counted; on, every per-step entry point
+    (block-output hooks, the batched gradient projection, the post-step projection) adds its time."""
+    model = lora_model(r=4, num_layers=3)
+    randomise_lora_b(model)
+    projector = GradientProjector(model, DirectionSet.random(32, 3, k=2, seed=2), "both", grad_hooks=False).attach()
+    model(**tiny_batch).loss.backward()
+    projector.project_gradients()
+    projector.project_parameters()
+    assert projector.seconds == 0.0
+    projector.timing = True
+    model(**tiny_batch).loss.backward()
+    after_backward = projector.seconds
+    projector.project_gradients()
+    after_gradients = projector.seconds
+    projector.project_parameters()
+    assert 0 < after_backward < after_gradients < projector.seconds
+
