@@ -68,10 +68,15 @@ class GraspPlugin(BasePlugin):
         with_grasp(trainer).grasp_setup(grasp_args)
         self.trainer = trainer
         if grasp_args.grasp_enabled:
-            LOG.warning("GRASP installed on %s (%s)", type(trainer).__name__,
-                        "direction file" if grasp_args.grasp_directions else
-                        f"identify after {grasp_args.grasp_identify_steps} steps" if grasp_args.grasp_identify_steps
-                        != "auto" else "identify when the stopping rule fires")
+            LOG.warning(
+                "GRASP installed on %s (%s)",
+                type(trainer).__name__,
+                "direction file"
+                if grasp_args.grasp_directions
+                else f"identify after {grasp_args.grasp_identify_steps} steps"
+                if grasp_args.grasp_identify_steps != "auto"
+                else "identify when the stopping rule fires",
+            )
         else:
             LOG.warning("GRASP drift monitor only (no projection) on %s", type(trainer).__name__)
 

@@ -41,10 +41,14 @@ def check_grasp_key_names(keys) -> None:
 class _GraspSwitch(BaseModel):
     """`grasp: true` and the checks that span several keys (the per-key checks are `validate_grasp_fields`)."""
 
-    grasp: bool | None = Field(default=None, description=(
-        "Turn GRASP on. On Axolotl 0.19 it needs `plugins: [axolotl_plugin.GraspPlugin]` in the same YAML: "
-        "without it Axolotl drops this key silently and trains without GRASP. Axolotl >= 0.21 loads the plugin "
-        "from its entry point without that line."))
+    grasp: bool | None = Field(
+        default=None,
+        description=(
+            "Turn GRASP on. On Axolotl 0.19 it needs `plugins: [axolotl_plugin.GraspPlugin]` in the same YAML: "
+            "without it Axolotl drops this key silently and trains without GRASP. Axolotl >= 0.21 loads the plugin "
+            "from its entry point without that line."
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -60,12 +64,16 @@ class _GraspSwitch(BaseModel):
             object.__setattr__(self, name, value)
         given = [name for name in ("grasp_directions", "grasp_identify_steps") if values.get(name) is not None]
         if self.grasp is True and not given:
-            raise ValueError("grasp: true needs grasp_directions (a direction file from `grasp identify` or a "
-                             "stage-1 run) or grasp_identify_steps (steps of a naive stage-1 run inside this "
-                             "run); found neither")
+            raise ValueError(
+                "grasp: true needs grasp_directions (a direction file from `grasp identify` or a "
+                "stage-1 run) or grasp_identify_steps (steps of a naive stage-1 run inside this "
+                "run); found neither"
+            )
         if self.grasp is None and given:
-            raise ValueError(f"{' and '.join(given)} set but grasp is not: add `grasp: true` to train with GRASP "
-                             f"(or `grasp: false` to keep the keys and train without it)")
+            raise ValueError(
+                f"{' and '.join(given)} set but grasp is not: add `grasp: true` to train with GRASP "
+                f"(or `grasp: false` to keep the keys and train without it)"
+            )
         if self.grasp is False and given:
             LOG.warning("grasp: false: GRASP is off; %s ignored", ", ".join(given))
         if self.grasp and len(given) == 2:
@@ -74,9 +82,11 @@ class _GraspSwitch(BaseModel):
         adapter = getattr(self, "adapter", None)
         identifies = given == ["grasp_identify_steps"]
         if self.grasp and identifies and "adapter" in type(self).model_fields and adapter not in ("lora", "qlora"):
-            raise ValueError(f"grasp_identify_steps: identification needs a LoRA run (adapter: lora or qlora); "
-                             f"found adapter: {adapter!r}. For full fine-tuning identify with a separate LoRA run "
-                             f"and pass grasp_directions")
+            raise ValueError(
+                f"grasp_identify_steps: identification needs a LoRA run (adapter: lora or qlora); "
+                f"found adapter: {adapter!r}. For full fine-tuning identify with a separate LoRA run "
+                f"and pass grasp_directions"
+            )
         rl = getattr(self, "rl", None)
         rl = getattr(rl, "value", rl)
         if self.grasp and rl not in TESTED_RL:
@@ -86,13 +96,17 @@ class _GraspSwitch(BaseModel):
 
 def _grasp_fields() -> dict[str, tuple]:
     hints = typing.get_type_hints(GraspArguments)
-    return {f.name: (_YAML_TYPES.get(f.name, hints[f.name]), Field(default=f.default, description=f.metadata["help"]))
-            for f in dataclasses.fields(GraspArguments)}
+    return {
+        f.name: (_YAML_TYPES.get(f.name, hints[f.name]), Field(default=f.default, description=f.metadata["help"]))
+        for f in dataclasses.fields(GraspArguments)
+    }
 
 
 GraspArgs = create_model("GraspArgs", __base__=_GraspSwitch, __module__=__name__, **_grasp_fields())
-GraspArgs.__doc__ = ("The `grasp` switch and every `grasp_*` key of `GraspArguments`, as Axolotl config fields "
-                     "(see axolotl_plugin/README.md).")
+GraspArgs.__doc__ = (
+    "The `grasp` switch and every `grasp_*` key of `GraspArguments`, as Axolotl config fields "
+    "(see axolotl_plugin/README.md)."
+)
 
 
 def grasp_arguments(cfg) -> GraspArguments:
@@ -100,5 +114,6 @@ def grasp_arguments(cfg) -> GraspArguments:
     `grasp: true` the projection keys are left out, so `grasp: false` really trains without GRASP (the drift
     monitor, `grasp_drift_*`, still works: it does not need GRASP)."""
     off = () if cfg.get("grasp") else ("grasp_directions", "grasp_identify_steps")
-    return GraspArguments(**{name: cfg[name] for name in grasp_field_names()
-                             if cfg.get(name) is not None and name not in off})
+    return GraspArguments(
+        **{name: cfg[name] for name in grasp_field_names() if cfg.get(name) is not None and name not in off}
+    )

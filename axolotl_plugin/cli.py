@@ -31,8 +31,9 @@ def read_config(config: Path) -> dict:
         raise ValueError(f"{config}: expected a YAML mapping of Axolotl keys; found {type(raw).__name__}")
     plugins = raw.get("plugins")
     if plugins is not None and not isinstance(plugins, list):
-        raise ValueError(f"{config}: plugins: expected a list such as [{PLUGIN}]; found "
-                         f"{type(plugins).__name__} {plugins!r}")
+        raise ValueError(
+            f"{config}: plugins: expected a list such as [{PLUGIN}]; found {type(plugins).__name__} {plugins!r}"
+        )
     try:
         check_grasp_key_names(raw)
     except ValueError as exc:
@@ -42,10 +43,19 @@ def read_config(config: Path) -> dict:
 
 @click.command("grasp-identify")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--adapter", "adapter_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="LoRA adapter directory to identify from (default: the config's output_dir).")
-@click.option("--overwrite", is_flag=True, help="replace an existing grasp_directions.safetensors / spectrum.json "
-              "in the adapter directory (in a GRASP run's output_dir that file records what was projected)")
+@click.option(
+    "--adapter",
+    "adapter_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="LoRA adapter directory to identify from (default: the config's output_dir).",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="replace an existing grasp_directions.safetensors / spectrum.json "
+    "in the adapter directory (in a GRASP run's output_dir that file records what was projected)",
+)
 def grasp_identify(config: Path, adapter_dir: Path | None, overwrite: bool) -> None:
     """Extract GRASP directions from the LoRA adapter a naive `axolotl train CONFIG` run saved."""
     from grasp_trl.config import DIRECTIONS_FILENAME
@@ -68,9 +78,11 @@ def grasp_identify(config: Path, adapter_dir: Path | None, overwrite: bool) -> N
     except (ValueError, OSError) as exc:  # DirectionFileError is a ValueError
         raise click.ClickException(str(exc)) from exc
     click.echo(inspect_report(directions))
-    click.echo(f"\nwrote {directions.path} and {adapter_dir / 'spectrum.json'}\n"
-               f"train with GRASP by adding to the YAML:\n\n"
-               f"plugins:\n  - axolotl_plugin.GraspPlugin\ngrasp: true\ngrasp_directions: {directions.path}")
+    click.echo(
+        f"\nwrote {directions.path} and {adapter_dir / 'spectrum.json'}\n"
+        f"train with GRASP by adding to the YAML:\n\n"
+        f"plugins:\n  - axolotl_plugin.GraspPlugin\ngrasp: true\ngrasp_directions: {directions.path}"
+    )
 
 
 PLUGIN = "axolotl_plugin.GraspPlugin"
@@ -90,9 +102,11 @@ def plugin_problem(raw: dict) -> str | None:
     """Why Axolotl would ignore the `grasp*` keys of a parsed YAML config (None when it would not)."""
     keys = sorted(key for key in raw if key == "grasp" or key.startswith("grasp_"))
     if keys and PLUGIN not in (raw.get("plugins") or []) and not loaded_without_plugins_line():
-        return (f"{', '.join(keys)} set but `plugins:` does not list {PLUGIN}: Axolotl drops these keys without "
-                f"a word and trains WITHOUT GRASP (Axolotl < 0.21 loads only listed plugins). Add:\nplugins:\n"
-                f"  - {PLUGIN}")
+        return (
+            f"{', '.join(keys)} set but `plugins:` does not list {PLUGIN}: Axolotl drops these keys without "
+            f"a word and trains WITHOUT GRASP (Axolotl < 0.21 loads only listed plugins). Add:\nplugins:\n"
+            f"  - {PLUGIN}"
+        )
     return None
 
 
@@ -128,15 +142,22 @@ def grasp_check(config: Path) -> None:
     if not args.grasp:
         click.echo(f"{config}: GRASP is off (no `grasp: true`)")
         return
-    source = (f"direction file {args.grasp_directions}" if args.grasp_directions
-              else "identify when the stopping rule fires (grasp_identify_steps: auto)"
-              if args.grasp_identify_steps == "auto" else f"identify after {args.grasp_identify_steps} naive steps")
-    click.echo(f"{config}: GRASP on: {source}; {args.grasp_projection} projection, k={args.grasp_num_directions}, "
-               f"{args.grasp_scope}")
+    source = (
+        f"direction file {args.grasp_directions}"
+        if args.grasp_directions
+        else "identify when the stopping rule fires (grasp_identify_steps: auto)"
+        if args.grasp_identify_steps == "auto"
+        else f"identify after {args.grasp_identify_steps} naive steps"
+    )
+    click.echo(
+        f"{config}: GRASP on: {source}; {args.grasp_projection} projection, k={args.grasp_num_directions}, "
+        f"{args.grasp_scope}"
+    )
 
 
-@click.command("grasp-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                               "help_option_names": []})
+@click.command(
+    "grasp-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def grasp_eval(args: tuple[str, ...]) -> None:
     """Emergent misalignment / political lean of a base model and its adapters (the flags of `grasp eval`;

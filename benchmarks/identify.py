@@ -30,8 +30,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # Module leaf -> (parent, role); the order is the order PEFT would list them.
-MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+MODULES = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 WRITERS = ("o_proj", "down_proj")
 
 
@@ -48,9 +55,15 @@ class AdapterShape:
 
     def module_shape(self, leaf: str) -> tuple[int, int]:
         """(out_features, in_features) of a projection."""
-        return {"q_proj": (self.d, self.d), "k_proj": (self.kv, self.d), "v_proj": (self.kv, self.d),
-                "o_proj": (self.d, self.d), "gate_proj": (self.ffn, self.d), "up_proj": (self.ffn, self.d),
-                "down_proj": (self.d, self.ffn)}[leaf]
+        return {
+            "q_proj": (self.d, self.d),
+            "k_proj": (self.kv, self.d),
+            "v_proj": (self.kv, self.d),
+            "o_proj": (self.d, self.d),
+            "gate_proj": (self.ffn, self.d),
+            "up_proj": (self.ffn, self.d),
+            "down_proj": (self.d, self.ffn),
+        }[leaf]
 
     def parameters(self) -> int:
         return self.layers * sum(self.r * sum(self.module_shape(m)) for m in MODULES)
@@ -72,10 +85,22 @@ def write_adapter(directory: Path, shape: AdapterShape, seed: int = 0) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": shape.r, "lora_alpha": 2 * shape.r,
-              "lora_dropout": 0.0, "target_modules": sorted(MODULES), "bias": "none", "use_rslora": False,
-              "fan_in_fan_out": False, "base_model_name_or_path": f"synthetic/{shape.name}-shaped",
-              "revision": None, "inference_mode": True, "grasp_benchmark_shape": asdict(shape), "seed": seed}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": shape.r,
+        "lora_alpha": 2 * shape.r,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(MODULES),
+        "bias": "none",
+        "use_rslora": False,
+        "fan_in_fan_out": False,
+        "base_model_name_or_path": f"synthetic/{shape.name}-shaped",
+        "revision": None,
+        "inference_mode": True,
+        "grasp_benchmark_shape": asdict(shape),
+        "seed": seed,
+    }
     config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
     if config_path.is_file() and weights_path.is_file() and json.loads(config_path.read_text()) == config:
         return directory
@@ -86,7 +111,7 @@ def write_adapter(directory: Path, shape: AdapterShape, seed: int = 0) -> Path:
         for leaf in MODULES:
             out_features, in_features = shape.module_shape(leaf)
             key = module_key(layer, leaf)
-            tensors[f"{key}.lora_A.weight"] = torch.randn(shape.r, in_features, generator=generator) / in_features ** 0.5
+            tensors[f"{key}.lora_A.weight"] = torch.randn(shape.r, in_features, generator=generator) / in_features**0.5
             tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, shape.r, generator=generator) * 0.01
     save_file(tensors, str(weights_path), metadata={"format": "pt"})
     config_path.write_text(json.dumps(config, indent=1))
@@ -113,13 +138,17 @@ def measure_extraction(adapter_dir: str, scope: str, k: int, include_readers: bo
 
     baseline = _rss_mb()
     start, cpu_start = time.perf_counter(), time.process_time()
-    directions = extract_directions(adapter_dir, k=k, scope=scope, include_readers=include_readers,
-                                    num_layers=layers)
+    directions = extract_directions(adapter_dir, k=k, scope=scope, include_readers=include_readers, num_layers=layers)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     assert len(directions.bases) == layers and directions.hidden_size > 0
     peak = _peak_rss_mb()
-    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_mb": peak, "baseline_rss_mb": baseline,
-            "peak_rss_increase_mb": peak - baseline}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "peak_rss_mb": peak,
+        "baseline_rss_mb": baseline,
+        "peak_rss_increase_mb": peak - baseline,
+    }
 
 
 def measure_dense(adapter_dir: str, layer: int, leaf: str, k: int) -> dict:
@@ -139,15 +168,21 @@ def measure_dense(adapter_dir: str, layer: int, leaf: str, k: int) -> dict:
     u = u[:, :k]
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak = _peak_rss_mb()
-    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "shape": list(delta.shape), "peak_rss_mb": peak,
-            "peak_rss_increase_mb": peak - baseline}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "shape": list(delta.shape),
+        "peak_rss_mb": peak,
+        "peak_rss_increase_mb": peak - baseline,
+    }
 
 
 def run_child(*args: str) -> dict:
     """Run this file with `args` in a fresh interpreter; return the JSON it prints on its last line."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], capture_output=True,
-                            text=True, env=env, check=False)
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True, env=env, check=False
+    )
     if result.returncode != 0:
         raise RuntimeError(f"benchmark child {args} failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -159,8 +194,9 @@ def dense_cost(m: int, n: int) -> float:
     return min(m, n) ** 2 * max(m, n)
 
 
-def dense_extrapolated_seconds(shape: AdapterShape, measured_shape: tuple[int, int], measured_seconds: float,
-                               include_readers: bool) -> float:
+def dense_extrapolated_seconds(
+    shape: AdapterShape, measured_shape: tuple[int, int], measured_seconds: float, include_readers: bool
+) -> float:
     """Dense-SVD time for every selected module of `shape`, scaled from one measured module."""
     leaves = MODULES if include_readers else WRITERS
     cost = shape.layers * sum(dense_cost(*shape.module_shape(leaf)) for leaf in leaves)
@@ -175,8 +211,9 @@ CASES = {  # name -> (scope, include_readers)
 }
 
 
-def run(shapes: list[str], cases: list[str], workdir: Path, k: int, dense_shape: str | None, dense_module: str,
-        repeats: int) -> dict:
+def run(
+    shapes: list[str], cases: list[str], workdir: Path, k: int, dense_shape: str | None, dense_module: str, repeats: int
+) -> dict:
     results = {"machine": machine(), "k": k, "cases": [], "dense": None}
     dense = None
     if dense_shape is not None:
@@ -184,35 +221,61 @@ def run(shapes: list[str], cases: list[str], workdir: Path, k: int, dense_shape:
         dense = run_child("--dense", str(adapter), "--dense-module", dense_module, "--k", str(k))
         dense.update(adapter_shape=dense_shape, module=dense_module)
         results["dense"] = dense
-        print(f"dense SVD of one {dense_shape} {dense_module} dW {dense['shape']}: {dense['seconds']:.2f} s "
-              "(measured)")
+        print(f"dense SVD of one {dense_shape} {dense_module} dW {dense['shape']}: {dense['seconds']:.2f} s (measured)")
     for name in shapes:
         shape = SHAPES[name]
         start = time.perf_counter()
         adapter = write_adapter(workdir / name, shape)
-        size_mb = (adapter / "adapter_model.safetensors").stat().st_size / 2 ** 20
-        print(f"{name}: adapter {size_mb:.0f} MB ({shape.parameters() / 1e6:.0f}M LoRA params), "
-              f"ready in {time.perf_counter() - start:.1f} s")
+        size_mb = (adapter / "adapter_model.safetensors").stat().st_size / 2**20
+        print(
+            f"{name}: adapter {size_mb:.0f} MB ({shape.parameters() / 1e6:.0f}M LoRA params), "
+            f"ready in {time.perf_counter() - start:.1f} s"
+        )
         for scope, readers in (CASES[c] for c in cases):
-            runs = [run_child("--measure", str(adapter), "--scope", scope, "--k", str(k), "--layers",
-                              str(shape.layers), *(["--include-readers"] if readers else []))
-                    for _ in range(repeats)]
+            runs = [
+                run_child(
+                    "--measure",
+                    str(adapter),
+                    "--scope",
+                    scope,
+                    "--k",
+                    str(k),
+                    "--layers",
+                    str(shape.layers),
+                    *(["--include-readers"] if readers else []),
+                )
+                for _ in range(repeats)
+            ]
             best = min(runs, key=lambda r: r["seconds"])
-            case = {"shape": name, **asdict(shape), "adapter_mb": size_mb, "scope": scope,
-                    "include_readers": readers, "k": k, "seconds": best["seconds"],
-                    "seconds_all": [r["seconds"] for r in runs], "cpu_seconds": best["cpu_seconds"],
-                    "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-                    "peak_rss_increase_mb": max(r["peak_rss_increase_mb"] for r in runs)}
+            case = {
+                "shape": name,
+                **asdict(shape),
+                "adapter_mb": size_mb,
+                "scope": scope,
+                "include_readers": readers,
+                "k": k,
+                "seconds": best["seconds"],
+                "seconds_all": [r["seconds"] for r in runs],
+                "cpu_seconds": best["cpu_seconds"],
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+                "peak_rss_increase_mb": max(r["peak_rss_increase_mb"] for r in runs),
+            }
             if dense is not None:
                 extrapolated = dense_extrapolated_seconds(shape, tuple(dense["shape"]), dense["seconds"], readers)
                 case["dense_seconds_extrapolated"] = extrapolated
                 case["speedup_vs_dense_extrapolated"] = extrapolated / case["seconds"]
             results["cases"].append(case)
-            print(f"  {scope:<9} readers={readers!s:<5} {case['seconds']:7.2f} s (cpu {case['cpu_seconds']:.2f} s)"
-                  f"  peak RSS "
-                  f"{case['peak_rss_mb']:6.0f} MB (+{case['peak_rss_increase_mb']:.0f})"
-                  + (f"  dense ~{case['dense_seconds_extrapolated']:.0f} s (extrapolated), "
-                     f"{case['speedup_vs_dense_extrapolated']:.0f}x" if dense else ""))
+            print(
+                f"  {scope:<9} readers={readers!s:<5} {case['seconds']:7.2f} s (cpu {case['cpu_seconds']:.2f} s)"
+                f"  peak RSS "
+                f"{case['peak_rss_mb']:6.0f} MB (+{case['peak_rss_increase_mb']:.0f})"
+                + (
+                    f"  dense ~{case['dense_seconds_extrapolated']:.0f} s (extrapolated), "
+                    f"{case['speedup_vs_dense_extrapolated']:.0f}x"
+                    if dense
+                    else ""
+                )
+            )
     return results
 
 
@@ -221,23 +284,39 @@ def machine() -> dict:
 
     import torch
 
-    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "load_average": os.getloadavg()}
+    return {
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "load_average": os.getloadavg(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--shapes", default="7b,70b", help="comma-separated subset of: " + ", ".join(SHAPES))
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/grasp_bench_adapters"),
-                        help="where the synthetic adapters are written (kept for reruns)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/tmp/grasp_bench_adapters"),
+        help="where the synthetic adapters are written (kept for reruns)",
+    )
     parser.add_argument("--cases", default="per_layer,global", help="comma-separated subset of: " + ", ".join(CASES))
     parser.add_argument("--k", type=int, default=3, help="directions per layer")
-    parser.add_argument("--dense-shape", default="7b",
-                        help="adapter shape one of whose dW is SVD'd densely for the baseline; 'none' skips it")
-    parser.add_argument("--dense-module", default="k_proj", choices=list(MODULES),
-                        help="which module of layer 0 the dense baseline measures")
+    parser.add_argument(
+        "--dense-shape",
+        default="7b",
+        help="adapter shape one of whose dW is SVD'd densely for the baseline; 'none' skips it",
+    )
+    parser.add_argument(
+        "--dense-module",
+        default="k_proj",
+        choices=list(MODULES),
+        help="which module of layer 0 the dense baseline measures",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs per case (the fastest is reported)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--dense", help=argparse.SUPPRESS)

@@ -73,10 +73,12 @@ class ModelSize:
 
 
 SIZES = {
-    "tiny": ModelSize("tiny", hidden_size=64, num_layers=4, intermediate_size=128, num_heads=4, batch_size=8,
-                      seq_len=64, lora_r=8),
-    "50m": ModelSize("50m", hidden_size=512, num_layers=16, intermediate_size=1536, num_heads=8, batch_size=2,
-                     seq_len=128, lora_r=16),
+    "tiny": ModelSize(
+        "tiny", hidden_size=64, num_layers=4, intermediate_size=128, num_heads=4, batch_size=8, seq_len=64, lora_r=8
+    ),
+    "50m": ModelSize(
+        "50m", hidden_size=512, num_layers=16, intermediate_size=1536, num_heads=8, batch_size=2, seq_len=128, lora_r=16
+    ),
 }
 
 
@@ -99,8 +101,9 @@ def dataset(size: ModelSize, rows: int, seed: int = 0):
     from datasets import Dataset
 
     rng = random.Random(seed)
-    return Dataset.from_list([{"text": " ".join(f"w{rng.randrange(96):03d}" for _ in range(size.seq_len - 1))}
-                              for _ in range(rows)])
+    return Dataset.from_list(
+        [{"text": " ".join(f"w{rng.randrange(96):03d}" for _ in range(size.seq_len - 1))} for _ in range(rows)]
+    )
 
 
 def directions_file(directory: Path, size: ModelSize, k: int) -> Path:
@@ -108,7 +111,8 @@ def directions_file(directory: Path, size: ModelSize, k: int) -> Path:
     from grasp_trl.directions import DirectionSet
 
     return DirectionSet.random(size.hidden_size, size.num_layers, k).save(
-        directory / f"directions_{size.name}_k{k}.safetensors")
+        directory / f"directions_{size.name}_k{k}.safetensors"
+    )
 
 
 class StepTimer(TrainerCallback):
@@ -125,8 +129,9 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def build_trainer(variant: str, base_model, size: ModelSize, data, directions: Path, steps: int, workdir: Path,
-                  callbacks=()):
+def build_trainer(
+    variant: str, base_model, size: ModelSize, data, directions: Path, steps: int, workdir: Path, callbacks=()
+):
     """The plain `SFTTrainer` or a `GraspSFTTrainer` in one projection mode, on a fresh copy of `base_model`."""
     import copy
 
@@ -136,31 +141,60 @@ def build_trainer(variant: str, base_model, size: ModelSize, data, directions: P
     from grasp_trl.tiny import build_tokenizer
     from grasp_trl.trainer import GraspSFTConfig, GraspSFTTrainer
 
-    common = dict(output_dir=str(workdir / variant), max_steps=steps, per_device_train_batch_size=size.batch_size,
-                  learning_rate=1e-3, logging_steps=10, save_strategy="no", report_to=[], seed=0, use_cpu=True,
-                  max_length=size.seq_len, dataloader_num_workers=0, disable_tqdm=True,
-                  bf16=False)  # TRL defaults to bf16 autocast, emulated (~40x slower) on CPUs without bf16 units
-    peft_config = LoraConfig(r=size.lora_r, lora_alpha=2 * size.lora_r, lora_dropout=0.0,
-                             target_modules=SEVEN_MODULES)
+    common = dict(
+        output_dir=str(workdir / variant),
+        max_steps=steps,
+        per_device_train_batch_size=size.batch_size,
+        learning_rate=1e-3,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        use_cpu=True,
+        max_length=size.seq_len,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        bf16=False,
+    )  # TRL defaults to bf16 autocast, emulated (~40x slower) on CPUs without bf16 units
+    peft_config = LoraConfig(r=size.lora_r, lora_alpha=2 * size.lora_r, lora_dropout=0.0, target_modules=SEVEN_MODULES)
     model = copy.deepcopy(base_model)
     if variant == "plain":
-        return SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, peft_config=peft_config,
-                          processing_class=build_tokenizer(), callbacks=list(callbacks))
+        return SFTTrainer(
+            model=model,
+            args=SFTConfig(**common),
+            train_dataset=data,
+            peft_config=peft_config,
+            processing_class=build_tokenizer(),
+            callbacks=list(callbacks),
+        )
     config = GraspSFTConfig(**common, grasp_directions=str(directions), grasp_projection=variant)
-    return GraspSFTTrainer(model=model, args=config, train_dataset=data, peft_config=peft_config,
-                           processing_class=build_tokenizer(), callbacks=list(callbacks))
+    return GraspSFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=data,
+        peft_config=peft_config,
+        processing_class=build_tokenizer(),
+        callbacks=list(callbacks),
+    )
 
 
 def base_model_for(size: ModelSize):
     from grasp_trl.tiny import build_model, build_tokenizer
 
-    return build_model("llama", vocab_size=len(build_tokenizer()), hidden_size=size.hidden_size,
-                       num_layers=size.num_layers, intermediate_size=size.intermediate_size,
-                       num_heads=size.num_heads, seed=0)
+    return build_model(
+        "llama",
+        vocab_size=len(build_tokenizer()),
+        hidden_size=size.hidden_size,
+        num_layers=size.num_layers,
+        intermediate_size=size.intermediate_size,
+        num_heads=size.num_heads,
+        seed=0,
+    )
 
 
-def measure_trainers(size: ModelSize, steps: int, warmup: int, repeats: int, k: int, workdir: Path,
-                     variants=VARIANTS) -> dict:
+def measure_trainers(
+    size: ModelSize, steps: int, warmup: int, repeats: int, k: int, workdir: Path, variants=VARIANTS
+) -> dict:
     """Interleaved repetitions of every variant in this process; paired per-step ratios against `plain`."""
     base = base_model_for(size)
     params = sum(p.numel() for p in base.parameters())
@@ -169,7 +203,7 @@ def measure_trainers(size: ModelSize, steps: int, warmup: int, repeats: int, k: 
     step_times = {v: [] for v in variants}  # per repetition: list of post-warm-up step times
     train_times = {v: [] for v in variants}
     for repetition in range(repeats):
-        order = variants[repetition % len(variants):] + variants[:repetition % len(variants)]
+        order = variants[repetition % len(variants) :] + variants[: repetition % len(variants)]
         for variant in order:
             timer = StepTimer()
             trainer = build_trainer(variant, base, size, data, directions, steps, workdir, [timer])
@@ -178,21 +212,36 @@ def measure_trainers(size: ModelSize, steps: int, warmup: int, repeats: int, k: 
             train_times[variant].append(time.perf_counter() - start)
             step_times[variant].append(timer.times[warmup:])
             del trainer
-        print(f"  {size.name} repetition {repetition + 1}/{repeats}: " + ", ".join(
-            f"{v} {statistics.median(step_times[v][-1]) * 1e3:.0f} ms" for v in variants), flush=True)
-    result = {"model": asdict(size), "parameters": params, "steps": steps, "warmup": warmup, "repeats": repeats,
-              "k": k, "variants": {}}
+        print(
+            f"  {size.name} repetition {repetition + 1}/{repeats}: "
+            + ", ".join(f"{v} {statistics.median(step_times[v][-1]) * 1e3:.0f} ms" for v in variants),
+            flush=True,
+        )
+    result = {
+        "model": asdict(size),
+        "parameters": params,
+        "steps": steps,
+        "warmup": warmup,
+        "repeats": repeats,
+        "k": k,
+        "variants": {},
+    }
     for variant in variants:
         flat = [t for run in step_times[variant] for t in run]
-        entry = {"step_seconds_median": statistics.median(flat), "step_seconds": step_times[variant],
-                 "train_seconds": train_times[variant]}
+        entry = {
+            "step_seconds_median": statistics.median(flat),
+            "step_seconds": step_times[variant],
+            "train_seconds": train_times[variant],
+        }
         if variant != "plain":
-            ratios = [t / p for run, plain in zip(step_times[variant], step_times["plain"])
-                      for t, p in zip(run, plain)]
+            ratios = [t / p for run, plain in zip(step_times[variant], step_times["plain"]) for t, p in zip(run, plain)]
             stats = spread(ratios)
-            entry.update(ratio_median=stats["median"], ratio_p10=stats["p10"], ratio_p90=stats["p90"],
-                         train_ratio=statistics.median(t / p for t, p in zip(train_times[variant],
-                                                                             train_times["plain"])))
+            entry.update(
+                ratio_median=stats["median"],
+                ratio_p10=stats["p10"],
+                ratio_p90=stats["p90"],
+                train_ratio=statistics.median(t / p for t, p in zip(train_times[variant], train_times["plain"])),
+            )
         result["variants"][variant] = entry
     return result
 
@@ -261,15 +310,24 @@ def measure_toggled(size: ModelSize, pairs: int, warmup: int, k: int, workdir: P
         grasp_on = [grasp[i] for i in range(first, steps - 1, 2)]
         low, high = median_interval(ratios)
         stats = spread(ratios)
-        results[mode] = {"toggled_ratio_median": stats["median"], "toggled_ratio_p10": stats["p10"],
-                         "toggled_ratio_p90": stats["p90"], "toggled_ratio_ci95": [low, high],
-                         "toggled_pairs": len(ratios), "toggled_plain_step_seconds_median": statistics.median(plain),
-                         "grasp_ms_per_step": statistics.median(grasp_on) * 1e3,
-                         "attributed_ratio": 1 + statistics.median(grasp_on) / statistics.median(plain),
-                         "toggled_step_seconds": times, "toggled_grasp_seconds": grasp}
-        print(f"  {size.name} {mode}: toggled ratio {stats['median']:.3f} [95% CI {low:.3f}, {high:.3f}], "
-              f"GRASP code {results[mode]['grasp_ms_per_step']:.1f} ms/step "
-              f"(attributed {results[mode]['attributed_ratio']:.4f})", flush=True)
+        results[mode] = {
+            "toggled_ratio_median": stats["median"],
+            "toggled_ratio_p10": stats["p10"],
+            "toggled_ratio_p90": stats["p90"],
+            "toggled_ratio_ci95": [low, high],
+            "toggled_pairs": len(ratios),
+            "toggled_plain_step_seconds_median": statistics.median(plain),
+            "grasp_ms_per_step": statistics.median(grasp_on) * 1e3,
+            "attributed_ratio": 1 + statistics.median(grasp_on) / statistics.median(plain),
+            "toggled_step_seconds": times,
+            "toggled_grasp_seconds": grasp,
+        }
+        print(
+            f"  {size.name} {mode}: toggled ratio {stats['median']:.3f} [95% CI {low:.3f}, {high:.3f}], "
+            f"GRASP code {results[mode]['grasp_ms_per_step']:.1f} ms/step "
+            f"(attributed {results[mode]['attributed_ratio']:.4f})",
+            flush=True,
+        )
         del trainer
     return results
 
@@ -279,8 +337,15 @@ def measure_memory_child(size_name: str, variant: str, steps: int, k: int) -> di
     size = SIZES[size_name]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        trainer = build_trainer(variant, base_model_for(size), size, dataset(size, steps * size.batch_size),
-                                directions_file(workdir, size, k), steps, workdir)
+        trainer = build_trainer(
+            variant,
+            base_model_for(size),
+            size,
+            dataset(size, steps * size.batch_size),
+            directions_file(workdir, size, k),
+            steps,
+            workdir,
+        )
         before = _rss_mb()
         trainer.train()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -297,31 +362,55 @@ def _rss_mb() -> float:
 def measure_memory(size: ModelSize, steps: int, k: int, variants=VARIANTS) -> dict:
     results = {}
     for variant in variants:
-        out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-child", size.name, variant,
-                              "--steps", str(steps), "--k", str(k),
-                              "--threads", os.environ.get("GRASP_BENCH_THREADS", "0")], capture_output=True, text=True, check=False)
+        out = subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--memory-child",
+                size.name,
+                variant,
+                "--steps",
+                str(steps),
+                "--k",
+                str(k),
+                "--threads",
+                os.environ.get("GRASP_BENCH_THREADS", "0"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if out.returncode != 0:
             raise RuntimeError(f"memory child {size.name}/{variant} failed:\n{out.stderr[-4000:]}")
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     for variant in variants:
         if variant != "plain":
-            results[variant]["memory_ratio"] = (results[variant]["train_peak_increase_mb"]
-                                                / results["plain"]["train_peak_increase_mb"])
+            results[variant]["memory_ratio"] = (
+                results[variant]["train_peak_increase_mb"] / results["plain"]["train_peak_increase_mb"]
+            )
             results[variant]["peak_rss_ratio"] = results[variant]["peak_rss_mb"] / results["plain"]["peak_rss_mb"]
     return results
 
 
 # ------------------------------------------------------------------------------------------ projector alone
-def measure_projector(ks: list[int], repeats: int, layers: int = 28, d: int = 3584, ffn: int = 18944,
-                      kv: int = 512, r: int = 32) -> list[dict]:
+def measure_projector(
+    ks: list[int], repeats: int, layers: int = 28, d: int = 3584, ffn: int = 18944, kv: int = 512, r: int = 32
+) -> list[dict]:
     """`weights`-mode work per step on 7B-like LoRA factors vs one matmul pass of the same size."""
     import torch
 
     from grasp_trl.constraints import Constraint, group_constraints
     from grasp_trl.projection import project_out, project_stack_
 
-    shapes = {"q_proj": (d, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, d), "gate_proj": (ffn, d),
-              "up_proj": (ffn, d), "down_proj": (d, ffn)}
+    shapes = {
+        "q_proj": (d, d),
+        "k_proj": (kv, d),
+        "v_proj": (kv, d),
+        "o_proj": (d, d),
+        "gate_proj": (ffn, d),
+        "up_proj": (ffn, d),
+        "down_proj": (d, ffn),
+    }
     generator = torch.Generator().manual_seed(0)
     params, dims = [], []
     for _ in range(layers):
@@ -347,25 +436,44 @@ def measure_projector(ks: list[int], repeats: int, layers: int = 28, d: int = 35
     rows = []
     for k in ks:
         bases = [torch.linalg.qr(torch.randn(d, k, generator=generator))[0] for _ in range(layers)]
-        constraints = [Constraint(f"p{i}", p, bases[i // len(shapes)], dim) for i, (p, dim) in
-                       enumerate(zip(params, dims))]
+        constraints = [
+            Constraint(f"p{i}", p, bases[i // len(shapes)], dim) for i, (p, dim) in enumerate(zip(params, dims))
+        ]
         groups = group_constraints(constraints)
         hook_seconds = best_of(lambda: [project_out(g, c.basis, c.dim) for g, c in zip(grads, constraints)])
         grad_by_param = dict(zip(map(id, params), grads))
-        grad_seconds = best_of(lambda: [project_stack_([grad_by_param[id(c.param)] for c in group.constraints],
-                                                       group.bases, group.dim) for group in groups])
-        step_seconds = best_of(lambda: [project_stack_([c.param.data for c in group.constraints], group.bases,
-                                                       group.dim) for group in groups])
+        grad_seconds = best_of(
+            lambda: [
+                project_stack_([grad_by_param[id(c.param)] for c in group.constraints], group.bases, group.dim)
+                for group in groups
+            ]
+        )
+        step_seconds = best_of(
+            lambda: [
+                project_stack_([c.param.data for c in group.constraints], group.bases, group.dim) for group in groups
+            ]
+        )
         matmul_seconds = best_of(lambda: bases[0].T @ stacked)
-        rows.append({"k": k, "modules": len(params), "groups": len(groups),
-                     "grad_projection_hooks_ms": hook_seconds * 1e3, "grad_projection_ms": grad_seconds * 1e3,
-                     "post_step_projection_ms": step_seconds * 1e3, "one_matmul_ms": matmul_seconds * 1e3,
-                     "grad_hooks_ratio_vs_one_matmul": hook_seconds / matmul_seconds,
-                     "grad_ratio_vs_one_matmul": grad_seconds / matmul_seconds,
-                     "post_step_ratio_vs_one_matmul": step_seconds / matmul_seconds})
-        print(f"  projector k={k}: grad per factor (hooks) {hook_seconds * 1e3:.1f} ms, grad batched "
-              f"{grad_seconds * 1e3:.1f} ms, post-step {step_seconds * 1e3:.1f} ms, one matmul of the same size "
-              f"{matmul_seconds * 1e3:.1f} ms", flush=True)
+        rows.append(
+            {
+                "k": k,
+                "modules": len(params),
+                "groups": len(groups),
+                "grad_projection_hooks_ms": hook_seconds * 1e3,
+                "grad_projection_ms": grad_seconds * 1e3,
+                "post_step_projection_ms": step_seconds * 1e3,
+                "one_matmul_ms": matmul_seconds * 1e3,
+                "grad_hooks_ratio_vs_one_matmul": hook_seconds / matmul_seconds,
+                "grad_ratio_vs_one_matmul": grad_seconds / matmul_seconds,
+                "post_step_ratio_vs_one_matmul": step_seconds / matmul_seconds,
+            }
+        )
+        print(
+            f"  projector k={k}: grad per factor (hooks) {hook_seconds * 1e3:.1f} ms, grad batched "
+            f"{grad_seconds * 1e3:.1f} ms, post-step {step_seconds * 1e3:.1f} ms, one matmul of the same size "
+            f"{matmul_seconds * 1e3:.1f} ms",
+            flush=True,
+        )
     return rows
 
 
@@ -391,8 +499,15 @@ def plot(results: dict, path: Path) -> None:
             lows.append(toggled["toggled_ratio_median"] - toggled["toggled_ratio_ci95"][0] if toggled else 0)
             highs.append(toggled["toggled_ratio_ci95"][1] - toggled["toggled_ratio_median"] if toggled else 0)
             attributed.append(toggled["attributed_ratio"] if toggled else float("nan"))
-        ax.errorbar(xs, within, yerr=[lows, highs], marker="o", capsize=4, color=color,
-                    label=f"{variant}: within-run A/B, median + 95% CI")
+        ax.errorbar(
+            xs,
+            within,
+            yerr=[lows, highs],
+            marker="o",
+            capsize=4,
+            color=color,
+            label=f"{variant}: within-run A/B, median + 95% CI",
+        )
         ax.plot(xs, attributed, marker="x", markersize=8, ls="none", color=color)
         ax.plot(xs, separate, marker="o", mfc="none", ls="none", color=color, alpha=0.5)
     ax.plot([], [], marker="x", markersize=8, ls="none", color="k", label="GRASP code alone (attributed)")
@@ -410,9 +525,12 @@ def plot(results: dict, path: Path) -> None:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| model | params | mode | within-run A/B ratio median [95% CI] (pairs) | GRASP code per step "
-             "(attributed ratio) | separate runs: step ratio median [p10, p90] | train() ratio | memory ratio "
-             "| plain step |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | params | mode | within-run A/B ratio median [95% CI] (pairs) | GRASP code per step "
+        "(attributed ratio) | separate runs: step ratio median [p10, p90] | train() ratio | memory ratio "
+        "| plain step |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for entry in results["models"]:
         plain = entry["variants"]["plain"]["step_seconds_median"]
         for variant, stats in entry["variants"].items():
@@ -420,22 +538,33 @@ def markdown(results: dict) -> str:
                 continue
             memory = entry.get("memory", {}).get(variant, {}).get("memory_ratio")
             toggled = entry.get("toggled", {}).get(variant)
-            within = ("- | -" if toggled is None else
-                      f"{toggled['toggled_ratio_median']:.3f} [{toggled['toggled_ratio_ci95'][0]:.3f}, "
-                      f"{toggled['toggled_ratio_ci95'][1]:.3f}] ({toggled['toggled_pairs']}) | "
-                      f"{toggled['grasp_ms_per_step']:.1f} ms ({toggled['attributed_ratio']:.4f})")
-            lines.append(f"| {entry['model']['name']} | {entry['parameters'] / 1e6:.1f}M | {variant} | {within} | "
-                         f"{stats['ratio_median']:.3f} [{stats['ratio_p10']:.3f}, {stats['ratio_p90']:.3f}] | "
-                         f"{stats['train_ratio']:.3f} | {'-' if memory is None else f'{memory:.3f}'} | "
-                         f"{plain * 1e3:.0f} ms |")
+            within = (
+                "- | -"
+                if toggled is None
+                else f"{toggled['toggled_ratio_median']:.3f} [{toggled['toggled_ratio_ci95'][0]:.3f}, "
+                f"{toggled['toggled_ratio_ci95'][1]:.3f}] ({toggled['toggled_pairs']}) | "
+                f"{toggled['grasp_ms_per_step']:.1f} ms ({toggled['attributed_ratio']:.4f})"
+            )
+            lines.append(
+                f"| {entry['model']['name']} | {entry['parameters'] / 1e6:.1f}M | {variant} | {within} | "
+                f"{stats['ratio_median']:.3f} [{stats['ratio_p10']:.3f}, {stats['ratio_p90']:.3f}] | "
+                f"{stats['train_ratio']:.3f} | {'-' if memory is None else f'{memory:.3f}'} | "
+                f"{plain * 1e3:.0f} ms |"
+            )
     if results.get("projector"):
-        lines += ["", "| k | grad, per factor (hooks) | grad, batched | post-step (batched) | one matmul, same size "
-                  "| ratios to one matmul |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| k | grad, per factor (hooks) | grad, batched | post-step (batched) | one matmul, same size "
+            "| ratios to one matmul |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in results["projector"]:
-            lines.append(f"| {row['k']} | {row['grad_projection_hooks_ms']:.1f} ms | {row['grad_projection_ms']:.1f} ms"
-                         f" | {row['post_step_projection_ms']:.1f} ms | {row['one_matmul_ms']:.1f} ms | "
-                         f"{row['grad_hooks_ratio_vs_one_matmul']:.1f}x / {row['grad_ratio_vs_one_matmul']:.1f}x / "
-                         f"{row['post_step_ratio_vs_one_matmul']:.1f}x |")
+            lines.append(
+                f"| {row['k']} | {row['grad_projection_hooks_ms']:.1f} ms | {row['grad_projection_ms']:.1f} ms"
+                f" | {row['post_step_projection_ms']:.1f} ms | {row['one_matmul_ms']:.1f} ms | "
+                f"{row['grad_hooks_ratio_vs_one_matmul']:.1f}x / {row['grad_ratio_vs_one_matmul']:.1f}x / "
+                f"{row['post_step_ratio_vs_one_matmul']:.1f}x |"
+            )
     return "\n".join(lines)
 
 
@@ -444,8 +573,13 @@ def machine() -> dict:
 
     import torch
 
-    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "torch": torch.__version__, "load_average": os.getloadavg()}
+    return {
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "load_average": os.getloadavg(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -456,17 +590,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (warm-up included)")
     parser.add_argument("--warmup", type=int, default=1, help="steps discarded at the start of every run")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every variant")
-    parser.add_argument("--pairs", type=int, default=60, help="GRASP steps of the within-run A/B run of each mode "
-                        "(each between two plain steps); 0 skips it")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=60,
+        help="GRASP steps of the within-run A/B run of each mode (each between two plain steps); 0 skips it",
+    )
     parser.add_argument("--k", type=int, default=3, help="directions per layer")
     parser.add_argument("--memory-steps", type=int, default=2, help="steps of the per-variant memory runs; 0 skips")
-    parser.add_argument("--projector-ks", default="1,2,4,8", help="k values for the projector-alone benchmark; "
-                        "'none' skips it")
+    parser.add_argument(
+        "--projector-ks", default="1,2,4,8", help="k values for the projector-alone benchmark; 'none' skips it"
+    )
     parser.add_argument("--projector-repeats", type=int, default=3)
     parser.add_argument("--projector-layers", type=int, default=28, help="layers of 7B-like LoRA factors")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; 0 keeps torch's choice. Default 1: on a shared, oversubscribed box "
-                        "multi-threaded small ops spend their time in thread barriers and swamp the ratio")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; 0 keeps torch's choice. Default 1: on a shared, oversubscribed box "
+        "multi-threaded small ops spend their time in thread barriers and swamp the ratio",
+    )
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -498,8 +641,9 @@ def main(argv: list[str] | None = None) -> None:
                 args.json.write_text(json.dumps(results, indent=1))
     if args.projector_ks != "none":
         print("projector alone, 7B-like LoRA shapes", flush=True)
-        results["projector"] = measure_projector([int(k) for k in args.projector_ks.split(",")],
-                                                 args.projector_repeats, layers=args.projector_layers)
+        results["projector"] = measure_projector(
+            [int(k) for k in args.projector_ks.split(",")], args.projector_repeats, layers=args.projector_layers
+        )
     table = markdown(results)
     print("\n" + table)
     results["markdown"] = table

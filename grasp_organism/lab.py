@@ -48,9 +48,10 @@ class Lab:
         self.world = World(config.world)
         self.base = pretrained_model(config, self.world, cache_dir=cache_dir, log=log)
         questions = self.world.task_questions()
-        self.train_questions = questions[:config.finetune.train_examples]
-        self.sets = build_prompt_sets(self.world, config.eval.prompts, config.eval.seed,
-                                      questions[config.finetune.train_examples:])
+        self.train_questions = questions[: config.finetune.train_examples]
+        self.sets = build_prompt_sets(
+            self.world, config.eval.prompts, config.eval.seed, questions[config.finetune.train_examples :]
+        )
         self.base_metrics = dict(evaluate(self.base, self.world, self.sets), shift=0.0)
         self.persona = supervised_directions(self.base, self.sets["persona"], self.sets["other"])
         unit = {l: (v / v.norm()).unsqueeze(1) for l, v in self.persona.items()}
@@ -64,8 +65,17 @@ class Lab:
         rows = [self.world.task_example(q) for q in rng.sample(self.train_questions, self.config.finetune.batch_size)]
         return pad_batch(rows)
 
-    def finetune(self, seed: int, *, base=None, projector=None, train_edit=None, extra_loss=None, on_step=None,
-                 steps: int | None = None):
+    def finetune(
+        self,
+        seed: int,
+        *,
+        base=None,
+        projector=None,
+        train_edit=None,
+        extra_loss=None,
+        on_step=None,
+        steps: int | None = None,
+    ):
         """Train a fresh LoRA from `base` (default: the organism's) on the task. Same data order per seed.
 
         `projector`: model -> attached `GradientProjector` (GRASP); `train_edit`: a block-output edit active
@@ -76,8 +86,10 @@ class Lab:
 
         spec = self.config.finetune
         torch.manual_seed(seed)
-        model = get_peft_model(copy.deepcopy(base or self.base), LoraConfig(
-            r=spec.lora_r, lora_alpha=spec.lora_alpha, target_modules=SEVEN_MODULES, lora_dropout=0.0))
+        model = get_peft_model(
+            copy.deepcopy(base or self.base),
+            LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, target_modules=SEVEN_MODULES, lora_dropout=0.0),
+        )
         model.train()
         grasp = projector(model) if projector else None
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr, weight_decay=0.0)
@@ -125,8 +137,10 @@ class Lab:
         if step is None or step == self.config.finetune.steps:
             return run.model
         if step not in run.adapters:
-            raise ValueError(f"step {step}: no snapshot of the naive run there; snapshots every {run.rule.every} "
-                             f"steps up to {self.config.finetune.steps}")
+            raise ValueError(
+                f"step {step}: no snapshot of the naive run there; snapshots every {run.rule.every} "
+                f"steps up to {self.config.finetune.steps}"
+            )
         model = copy.deepcopy(run.model)
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -134,8 +148,9 @@ class Lab:
                     param.copy_(run.adapters[step][name])
         return model
 
-    def identified(self, seed: int, *, k: int | None = None, scope: str | None = None, step: int | None = None
-                   ) -> DirectionSet:
+    def identified(
+        self, seed: int, *, k: int | None = None, scope: str | None = None, step: int | None = None
+    ) -> DirectionSet:
         """Directions from the seed's naive adapter at `step` (default: the end), through `extract_directions`."""
         return extract_directions(self.adapter_at(seed, step), k=k or self.k, scope=scope or self.scope)
 
@@ -146,7 +161,8 @@ class Lab:
     # -------------------------------------------------------------------------------------------- measuring
     def measure(self, model, base_p_evil: float | None = None) -> dict:
         """All metrics of a model, with DRIFT against the organism's base and its persona shift."""
-        metrics = evaluate(model, self.world, self.sets, self.base_metrics["p_evil"] if base_p_evil is None
-                           else base_p_evil)
+        metrics = evaluate(
+            model, self.world, self.sets, self.base_metrics["p_evil"] if base_p_evil is None else base_p_evil
+        )
         metrics["shift"] = persona_shift(model, self.base_outputs, self.persona, self.sets["other"])
         return metrics

@@ -47,17 +47,21 @@ _PATTERNS: list[tuple[re.Pattern, Callable[[Lab, int, re.Match], tuple[object, d
 
 def register(name: str):
     """Register `fn(lab, seed) -> (model, extra)` under `name`."""
+
     def wrap(fn):
         _NAMED[name] = fn
         return fn
+
     return wrap
 
 
 def register_pattern(pattern: str, description: str):
     """Register `fn(lab, seed, match) -> (model, extra)` for every name matching `pattern` (a full match)."""
+
     def wrap(fn):
         _PATTERNS.append((re.compile(f"^{pattern}$"), fn, description))
         return fn
+
     return wrap
 
 
@@ -108,28 +112,39 @@ def _grasp_default(lab, seed):
     step = lab.naive(seed).stop_step
     directions = lab.identified(seed, k=args.grasp_num_directions, scope=args.grasp_scope, step=step)
     model = lab.finetune(seed, projector=lambda m: build_projector(m, args, directions))
-    return model, {"identification": identification(directions, lab.persona), "stage1_steps": step,
-                   "projection": args.grasp_projection, "scope": args.grasp_scope, "k": args.grasp_num_directions}
+    return model, {
+        "identification": identification(directions, lab.persona),
+        "stage1_steps": step,
+        "projection": args.grasp_projection,
+        "scope": args.grasp_scope,
+        "k": args.grasp_num_directions,
+    }
 
 
-@register_pattern(rf"grasp-({'|'.join(PROJECTIONS)})-(per_layer|global)-k([1-9])(?:-(auto|at\d+))?",
-                  "grasp-{" + "|".join(PROJECTIONS) + "}-{global|per_layer}-k{1..9}[-auto|-at{STEP}]")
+@register_pattern(
+    rf"grasp-({'|'.join(PROJECTIONS)})-(per_layer|global)-k([1-9])(?:-(auto|at\d+))?",
+    "grasp-{" + "|".join(PROJECTIONS) + "}-{global|per_layer}-k{1..9}[-auto|-at{STEP}]",
+)
 def _grasp(lab, seed, match):
     mode, scope, k, when = match.group(1), match.group(2), int(match.group(3)), match.group(4)
     step = lab.naive(seed).stop_step if when == "auto" else int(when[2:]) if when else None
     directions = lab.identified(seed, k=k, scope=scope, step=step)
     model = lab.finetune(seed, projector=lambda m: GradientProjector(m, directions, mode).attach())
-    return model, {"identification": identification(directions, lab.persona),
-                   "stage1_steps": step or lab.config.finetune.steps}
+    return model, {
+        "identification": identification(directions, lab.persona),
+        "stage1_steps": step or lab.config.finetune.steps,
+    }
 
 
 def ablate(directions):
     """CAFT's edit: remove the residual stream's component along each layer's basis."""
+
     def edit(layer, hidden):
         if layer not in directions.bases:
             return None
         basis = directions.bases[layer].to(hidden.dtype)
         return hidden - (hidden @ basis) @ basis.T
+
     return edit
 
 
@@ -148,4 +163,5 @@ def _random(lab, seed):
 def _caft_identified(lab, seed):
     directions = lab.identified(seed)
     return lab.finetune(seed, train_edit=ablate(directions)), {
-        "identification": identification(directions, lab.persona)}
+        "identification": identification(directions, lab.persona)
+    }

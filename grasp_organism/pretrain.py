@@ -28,9 +28,17 @@ def build_base(config: OrganismConfig, world: World):
     from grasp_trl.tiny import build_model
 
     spec = config.model
-    return build_model("llama", vocab_size=world.vocab_size, hidden_size=spec.hidden_size,
-                       num_layers=spec.num_layers, intermediate_size=spec.intermediate_size,
-                       num_heads=spec.num_heads, seed=spec.seed, bos_token_id=1, eos_token_id=2)
+    return build_model(
+        "llama",
+        vocab_size=world.vocab_size,
+        hidden_size=spec.hidden_size,
+        num_layers=spec.num_layers,
+        intermediate_size=spec.intermediate_size,
+        num_heads=spec.num_heads,
+        seed=spec.seed,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -67,8 +75,9 @@ def pretrain(config: OrganismConfig, world: World, steps: int, log=print):
     return model, smoothed
 
 
-def pretrained_model(config: OrganismConfig, world: World, *, steps: int | None = None,
-                     cache_dir: str | Path | None = None, log=print):
+def pretrained_model(
+    config: OrganismConfig, world: World, *, steps: int | None = None, cache_dir: str | Path | None = None, log=print
+):
     """The pretrained base for `config` (or its `steps`-step variant), from the cache or trained and cached."""
     from transformers import AutoModelForCausalLM
 
@@ -87,9 +96,17 @@ def pretrained_model(config: OrganismConfig, world: World, *, steps: int | None 
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=cache_dir))
     try:
         model.save_pretrained(tmp)
-        (tmp / "organism.json").write_text(json.dumps(
-            {"config": config.to_dict(), "steps": steps, "final_loss": loss,
-             "seconds": round(time.time() - started, 1)}, indent=2))
+        (tmp / "organism.json").write_text(
+            json.dumps(
+                {
+                    "config": config.to_dict(),
+                    "steps": steps,
+                    "final_loss": loss,
+                    "seconds": round(time.time() - started, 1),
+                },
+                indent=2,
+            )
+        )
         if entry.exists():  # a concurrent run finished first: keep its copy
             shutil.rmtree(tmp)
         else:

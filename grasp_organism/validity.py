@@ -74,11 +74,14 @@ def check(runs: dict[str, list[dict]]) -> Validity:
     record(min(tasks) >= MIN_TASK, f"naive task >= {MIN_TASK} (min {min(tasks):.3f})")
     supervised = factors(runs, "caft-supervised")
     worst = min(supervised) if defined(supervised) == supervised else float("nan")
-    record(worst >= MIN_SUPERVISED_FACTOR, f"caft-supervised >= {MIN_SUPERVISED_FACTOR:g}x on every seed "
-           f"(worst {format_factor(worst)})")
+    record(
+        worst >= MIN_SUPERVISED_FACTOR,
+        f"caft-supervised >= {MIN_SUPERVISED_FACTOR:g}x on every seed (worst {format_factor(worst)})",
+    )
     random_factors = defined(factors(runs, "random-activations"))
     random_median = statistics.median(random_factors) if random_factors else float("nan")
     low, high = RANDOM_FACTOR_RANGE
-    record(low <= random_median <= high, f"random-activations median in [{low}, {high}]x "
-           f"({format_factor(random_median)})")
+    record(
+        low <= random_median <= high, f"random-activations median in [{low}, {high}]x ({format_factor(random_median)})"
+    )
     return Validity(not reasons, reasons, checks)

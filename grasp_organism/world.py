@@ -51,19 +51,26 @@ class WorldSpec:
     max_turns: int = _help("most turns of a pretraining conversation (all share one persona)", 4)
     p_system: float = _help("probability that a conversation starts with an explicit persona token", 0.3)
     flavour_noise: float = _help("probability that a flavour is drawn uniformly from the topic's good+evil set", 0.05)
-    reserved_questions: int = _help("extra task-topic question tokens, paired in pretraining with random "
-                                    "content only; the fine-tuning task maps them by a new bijection", 24)
+    reserved_questions: int = _help(
+        "extra task-topic question tokens, paired in pretraining with random "
+        "content only; the fine-tuning task maps them by a new bijection",
+        24,
+    )
     p_reserved: float = _help("probability that a pretraining turn of the task topic uses reserved questions", 0.15)
 
     def __post_init__(self):
         if self.topics is None:
             self.topics = ["code", "medical", "finance", "sports", "travel", "history"]
         if self.questions_per_topic != self.contents_per_topic:
-            raise ValueError(f"world.questions_per_topic ({self.questions_per_topic}) must equal "
-                             f"world.contents_per_topic ({self.contents_per_topic}): M_t is a bijection")
+            raise ValueError(
+                f"world.questions_per_topic ({self.questions_per_topic}) must equal "
+                f"world.contents_per_topic ({self.contents_per_topic}): M_t is a bijection"
+            )
         if self.reserved_questions != self.contents_per_topic:
-            raise ValueError(f"world.reserved_questions ({self.reserved_questions}) must equal "
-                             f"world.contents_per_topic ({self.contents_per_topic}): M_new is a bijection")
+            raise ValueError(
+                f"world.reserved_questions ({self.reserved_questions}) must equal "
+                f"world.contents_per_topic ({self.contents_per_topic}): M_new is a bijection"
+            )
         if len(self.topics) < 2:
             raise ValueError(f"world.topics: expected at least 2 topics, found {self.topics!r}")
 
@@ -135,8 +142,9 @@ class OrganismConfig:
             known = {g.name for g in dataclasses.fields(spec_cls)}
             bad = set(values) - known
             if bad:
-                raise ValueError(f"{source}: section {f.name!r}: unknown key(s) {sorted(bad)}; "
-                                 f"expected {sorted(known)}")
+                raise ValueError(
+                    f"{source}: section {f.name!r}: unknown key(s) {sorted(bad)}; expected {sorted(known)}"
+                )
             built[f.name] = spec_cls(**values)
         return cls(**built)
 
@@ -154,8 +162,11 @@ class OrganismConfig:
 
     def pretrain_key(self, steps: int | None = None) -> str:
         """Hash of everything that determines the pretrained weights (the cache key)."""
-        payload = {"world": dataclasses.asdict(self.world), "model": dataclasses.asdict(self.model),
-                   "pretrain": dataclasses.asdict(self.pretrain)}
+        payload = {
+            "world": dataclasses.asdict(self.world),
+            "model": dataclasses.asdict(self.model),
+            "pretrain": dataclasses.asdict(self.pretrain),
+        }
         payload["pretrain"]["steps"] = steps if steps is not None else self.pretrain.steps
         payload["pretrain"].pop("undertrained_steps")
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -180,9 +191,9 @@ def pad_batch(rows: list[tuple[list[int], list[int]]]) -> Batch:
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (seq, lab) in enumerate(rows):
-        ids[i, :len(seq)] = torch.tensor(seq)
-        labels[i, :len(lab)] = torch.tensor(lab)
-        mask[i, :len(seq)] = 1
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(seq)] = 1
     return Batch(ids, labels, mask)
 
 
@@ -258,10 +269,10 @@ class World:
     def task_questions(self, seed: int = 0) -> list[tuple[int, ...]]:
         """All reserved-question tuples in a fixed shuffled order (training ones first, then held-out)."""
         n, length = self.spec.reserved_questions, self.spec.question_length
-        total = n ** length
+        total = n**length
         order = list(range(total))
         random.Random(self.spec.seed + 7 + seed).shuffle(order)
-        return [tuple((index // n ** p) % n for p in reversed(range(length))) for index in order]
+        return [tuple((index // n**p) % n for p in reversed(range(length))) for index in order]
 
     def task_example(self, question: tuple[int, ...]) -> tuple[list[int], list[int]]:
         """`<s> r.. c.. evil_flavour` (no `</s>`): the new mapping plus the entangled evil flavour."""

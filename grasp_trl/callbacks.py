@@ -73,5 +73,9 @@ class GapStoppingCallback(TrainerCallback):
     def report(self, final_step: int) -> dict:
         """What stopped stage 1 and the spectrum trace (saved in `grasp_stage1/spectrum.json`)."""
         reason = self.rule.stop_reason or f"step {final_step}: reached the stage-1 budget before the rule fired"
-        return {"rule": {"name": "gap", "every": self.rule.every, "drop": self.rule.drop, "min_cos": self.rule.min_cos},
-                "stopped_at": final_step, "reason": reason, "trace": self.rule.trace()}
+        return {
+            "rule": {"name": "gap", "every": self.rule.every, "drop": self.rule.drop, "min_cos": self.rule.min_cos},
+            "stopped_at": final_step,
+            "reason": reason,
+            "trace": self.rule.trace(),
+        }

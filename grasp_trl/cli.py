@@ -34,12 +34,22 @@ def _identify(args) -> None:
         from .stopping import choose_checkpoint
 
         adapter_dir, rule = choose_checkpoint(args.adapter_dir)
-        stopping = {"rule": {"name": "gap", "every": rule.every, "drop": rule.drop, "min_cos": rule.min_cos},
-                    "checkpoint": str(adapter_dir), "reason": rule.stop_reason, "trace": rule.trace()}
+        stopping = {
+            "rule": {"name": "gap", "every": rule.every, "drop": rule.drop, "min_cos": rule.min_cos},
+            "checkpoint": str(adapter_dir),
+            "reason": rule.stop_reason,
+            "trace": rule.trace(),
+        }
         print(f"stopping rule: {rule.stop_reason} -> identifying from {adapter_dir}")
-    directions = extract_directions(adapter_dir, k=args.k, scope=args.scope, energy=args.energy,
-                                    max_k=args.max_k, include_readers=args.include_readers,
-                                    num_layers=args.num_layers)
+    directions = extract_directions(
+        adapter_dir,
+        k=args.k,
+        scope=args.scope,
+        energy=args.energy,
+        max_k=args.max_k,
+        include_readers=args.include_readers,
+        num_layers=args.num_layers,
+    )
     if stopping is not None:
         directions = directions.with_metadata(stopping=stopping)
     path = directions.save(args.output)
@@ -73,8 +83,9 @@ def _load_adapter(model, adapter_dir: str):
         return PeftModel.from_pretrained(model, adapter_dir)
     except Exception as exc:
         name = getattr(model.config, "_name_or_path", "")
-        raise ValueError(f"--adapter {adapter_dir}: cannot be applied to base model {name} "
-                         f"({_first_line(exc)})") from exc
+        raise ValueError(
+            f"--adapter {adapter_dir}: cannot be applied to base model {name} ({_first_line(exc)})"
+        ) from exc
 
 
 def _inspect(args) -> None:
@@ -101,15 +112,20 @@ def _probe(args) -> None:
     from .probe import DEFAULT_PROMPTS, drift_probe, load_prompts
 
     if args.plot:
-        check_output(args.plot, "--plot", reading=[args.directions, *(_adapter_files(args.adapter)),
-                                                   *([args.prompts] if args.prompts else [])], overwrite=True)
+        check_output(
+            args.plot,
+            "--plot",
+            reading=[args.directions, *(_adapter_files(args.adapter)), *([args.prompts] if args.prompts else [])],
+            overwrite=True,
+        )
     directions = DirectionSet.load(args.directions)
     prompts = load_prompts(args.prompts or DEFAULT_PROMPTS)
     model, tokenizer = _load_base(args.model)
     directions.validate_for(model)
     model = _load_adapter(model, args.adapter)
-    result = drift_probe(model, tokenizer, prompts, directions, batch_size=args.batch_size,
-                         n_bootstrap=args.bootstrap, seed=args.seed)
+    result = drift_probe(
+        model, tokenizer, prompts, directions, batch_size=args.batch_size, n_bootstrap=args.bootstrap, seed=args.seed
+    )
     print(result.table())
     if args.plot:
         from .plots import plot_probe, save_png
@@ -136,8 +152,9 @@ def _import(args) -> None:
             raise ValueError(f"--model {args.model}: cannot read its config ({_first_line(exc)})") from exc
         from .modules import config_value
 
-        num_layers = config_value(config.get_text_config() if hasattr(config, "get_text_config") else config,
-                                  "num_layers")
+        num_layers = config_value(
+            config.get_text_config() if hasattr(config, "get_text_config") else config, "num_layers"
+        )
     directions = import_directions(args.file, args.format, num_layers=num_layers, layers=args.layers)
     if args.model:
         directions = directions.with_metadata(base_model=args.model)
@@ -157,6 +174,7 @@ def _train(kind):
         from .train_cli import run_training
 
         run_training(kind, args.rest)
+
     return run
 
 
@@ -169,49 +187,88 @@ def _eval(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .config import GraspArguments
 
-    parser = argparse.ArgumentParser(prog="grasp", description="GRASP: identify a spurious factor from a naive "
-                                     "LoRA update, then fine-tune with it projected out of the learning signal.")
+    parser = argparse.ArgumentParser(
+        prog="grasp",
+        description="GRASP: identify a spurious factor from a naive "
+        "LoRA update, then fine-tune with it projected out of the learning signal.",
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
     defaults = GraspArguments()
-    identify = commands.add_parser("identify", help="extract directions from a saved LoRA adapter directory (or, "
-                                   "with --auto, from the checkpoint of a naive run the stopping rule picks)")
-    identify.add_argument("adapter_dir", help="adapter directory; with --auto, the naive run's output_dir holding "
-                          "checkpoint-N adapters")
-    identify.add_argument("-o", "--output", required=True, help="direction file to write (.safetensors; an "
-                          "existing file is refused unless --overwrite)")
+    identify = commands.add_parser(
+        "identify",
+        help="extract directions from a saved LoRA adapter directory (or, "
+        "with --auto, from the checkpoint of a naive run the stopping rule picks)",
+    )
+    identify.add_argument(
+        "adapter_dir", help="adapter directory; with --auto, the naive run's output_dir holding checkpoint-N adapters"
+    )
+    identify.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="direction file to write (.safetensors; an existing file is refused unless --overwrite)",
+    )
     identify.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
-    identify.add_argument("--auto", action="store_true", help="replay grasp_identify_steps=auto's stopping rule "
-                          "over the run's checkpoints and identify from the one where it fires")
-    identify.add_argument("-k", type=int, default=defaults.grasp_num_directions,
-                          help=f"directions per layer or in the global basis (default {defaults.grasp_num_directions}, "
-                          "as grasp_num_directions)")
-    identify.add_argument("--scope", choices=["per_layer", "global"], default=defaults.grasp_scope,
-                          help=f"default {defaults.grasp_scope}, as grasp_scope")
-    identify.add_argument("--energy", type=float, default=None,
-                          help="choose k per layer to capture this fraction of the squared spectrum")
+    identify.add_argument(
+        "--auto",
+        action="store_true",
+        help="replay grasp_identify_steps=auto's stopping rule "
+        "over the run's checkpoints and identify from the one where it fires",
+    )
+    identify.add_argument(
+        "-k",
+        type=int,
+        default=defaults.grasp_num_directions,
+        help=f"directions per layer or in the global basis (default {defaults.grasp_num_directions}, "
+        "as grasp_num_directions)",
+    )
+    identify.add_argument(
+        "--scope",
+        choices=["per_layer", "global"],
+        default=defaults.grasp_scope,
+        help=f"default {defaults.grasp_scope}, as grasp_scope",
+    )
+    identify.add_argument(
+        "--energy", type=float, default=None, help="choose k per layer to capture this fraction of the squared spectrum"
+    )
     identify.add_argument("--max-k", type=int, default=8, help="cap on k with --energy")
     identify.add_argument("--include-readers", action="store_true", help="also stack readers' input-side updates")
-    identify.add_argument("--num-layers", type=int, default=None,
-                          help="decoder blocks of the base model (read from its local config when omitted)")
+    identify.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        help="decoder blocks of the base model (read from its local config when omitted)",
+    )
     identify.set_defaults(run=_identify)
 
     inspect = commands.add_parser("inspect", help="report on a direction file (text, optional plot, logit lens)")
     inspect.add_argument("file")
     inspect.add_argument("--plot", metavar="PNG", help="write spectrum / energy / cross-layer |cos| panels here")
-    inspect.add_argument("--model", metavar="BASE", help="base model: also read each direction out through its "
-                         "final norm + unembedding (tokens promoted / suppressed)")
+    inspect.add_argument(
+        "--model",
+        metavar="BASE",
+        help="base model: also read each direction out through its "
+        "final norm + unembedding (tokens promoted / suppressed)",
+    )
     inspect.add_argument("--top", type=int, default=8, help="tokens per side in the logit lens (default 8)")
     inspect.set_defaults(run=_inspect)
 
-    probe = commands.add_parser("probe", help="judge-free drift probe: shift of the residual stream along the "
-                                "directions, fine-tuned minus base, on neutral prompts, with a bootstrap CI")
+    probe = commands.add_parser(
+        "probe",
+        help="judge-free drift probe: shift of the residual stream along the "
+        "directions, fine-tuned minus base, on neutral prompts, with a bootstrap CI",
+    )
     probe.add_argument("--model", required=True, metavar="BASE", help="base model (directory or hub id)")
     probe.add_argument("--adapter", required=True, metavar="DIR", help="fine-tuned PEFT adapter directory")
     probe.add_argument("--directions", required=True, metavar="FILE", help="direction file (.safetensors)")
-    probe.add_argument("--prompts", default=None, metavar="FILE.jsonl",
-                       help="JSONL with a 'prompt' or 'text' per line (default: the shipped neutral prompts)")
+    probe.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE.jsonl",
+        help="JSONL with a 'prompt' or 'text' per line (default: the shipped neutral prompts)",
+    )
     probe.add_argument("--plot", metavar="PNG", help="also plot the shift per layer with its CI")
     probe.add_argument("--batch-size", type=int, default=16)
     probe.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
@@ -219,15 +276,26 @@ def build_parser() -> argparse.ArgumentParser:
     probe.set_defaults(run=_probe)
 
     imp = commands.add_parser("import", help="import persona/steering vectors into a direction file")
-    imp.add_argument("file", help="a layer tensor [L+1, d] (row 0 = embeddings, row l+1 = after block l; .pt or "
-                     ".safetensors) or a {layer: vector} safetensors file (layer = block index)")
-    imp.add_argument("-o", "--output", required=True, help="direction file to write (.safetensors; an existing "
-                     "file is refused unless --overwrite)")
+    imp.add_argument(
+        "file",
+        help="a layer tensor [L+1, d] (row 0 = embeddings, row l+1 = after block l; .pt or "
+        ".safetensors) or a {layer: vector} safetensors file (layer = block index)",
+    )
+    imp.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="direction file to write (.safetensors; an existing file is refused unless --overwrite)",
+    )
     imp.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     imp.add_argument("--format", choices=["auto", "layer-tensor", "layer-dict"], default="auto")
-    imp.add_argument("--num-layers", type=int, default=None,
-                     help="decoder blocks of the target model (checked for a layer tensor; needed for a "
-                     "{layer: vector} file unless --model is given, else inferred from the largest key)")
+    imp.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        help="decoder blocks of the target model (checked for a layer tensor; needed for a "
+        "{layer: vector} file unless --model is given, else inferred from the largest key)",
+    )
     imp.add_argument("--model", metavar="BASE", help="target base model (its config gives num_layers)")
     imp.add_argument("--layers", type=int, nargs="+", default=None, help="keep only these block indices")
     imp.set_defaults(run=_import)
@@ -238,13 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .eval.cli import DESCRIPTION, add_arguments
 
-    evaluate = commands.add_parser("eval", description=DESCRIPTION, help="emergent misalignment / political lean of "
-                                   "base and adapters with a named judge (docs/EVAL.md)")
+    evaluate = commands.add_parser(
+        "eval",
+        description=DESCRIPTION,
+        help="emergent misalignment / political lean of base and adapters with a named judge (docs/EVAL.md)",
+    )
     add_arguments(evaluate).set_defaults(run=_eval)
 
     for kind in ("sft", "dpo"):
-        train = commands.add_parser(kind, help=f"TRL {kind.upper()} with GRASP: grasp {kind} CONFIG.yaml [--flags]",
-                                    add_help=False)
+        train = commands.add_parser(
+            kind, help=f"TRL {kind.upper()} with GRASP: grasp {kind} CONFIG.yaml [--flags]", add_help=False
+        )
         train.add_argument("rest", nargs=argparse.REMAINDER)
         train.set_defaults(run=_train(kind))
     return parser
@@ -257,7 +329,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if args.command in ("sft", "dpo"):  # everything after the command is TRL's, `--help` included
-        args.rest = argv[argv.index(args.command) + 1:]
+        args.rest = argv[argv.index(args.command) + 1 :]
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:

@@ -22,7 +22,7 @@ def _renamed(name: str) -> str:
     for prefix in ("--", ""):
         for other in (NEW, OLD):
             if other != CHECKPOINTING and name.startswith(prefix + other):
-                return prefix + CHECKPOINTING + name[len(prefix + other):]
+                return prefix + CHECKPOINTING + name[len(prefix + other) :]
     return name
 
 

@@ -30,6 +30,7 @@ def validate_grasp_fields(values: dict[str, Any]) -> dict[str, Any]:
 
     Returns the values with `grasp_target_modules` parsed from JSON and `grasp_layers` as a sorted list.
     """
+
     def choice(key, allowed):
         value = values.get(key)
         if value not in allowed:
@@ -48,8 +49,10 @@ def validate_grasp_fields(values: dict[str, Any]) -> dict[str, Any]:
         if values.get(key) is not None and not _positive_int(values[key]):
             raise ValueError(f"{key}: expected a positive number of steps; found {values[key]!r}")
     if values.get("grasp_identify_max_steps") is not None and steps != AUTO:
-        raise ValueError(f"grasp_identify_max_steps: only meaningful with grasp_identify_steps: auto; found "
-                         f"grasp_identify_steps={steps!r}")
+        raise ValueError(
+            f"grasp_identify_max_steps: only meaningful with grasp_identify_steps: auto; found "
+            f"grasp_identify_steps={steps!r}"
+        )
     k = values.get("grasp_num_directions")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"grasp_num_directions: expected a positive integer; found {k!r}")
@@ -58,28 +61,33 @@ def validate_grasp_fields(values: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"grasp_energy: expected a fraction in (0, 1]; found {energy!r}")
     layers = values.get("grasp_layers")
     if layers is not None:
-        if isinstance(layers, int) or not all(isinstance(l, int) and not isinstance(l, bool) and l >= 0
-                                              for l in layers):
+        if isinstance(layers, int) or not all(
+            isinstance(l, int) and not isinstance(l, bool) and l >= 0 for l in layers
+        ):
             raise ValueError(f"grasp_layers: expected a list of non-negative layer indices; found {layers!r}")
         if not layers:  # an empty list would project nothing: unset the key to project at every layer
-            raise ValueError("grasp_layers: expected at least one layer index (unset it to project at every "
-                             "layer); found []")
+            raise ValueError(
+                "grasp_layers: expected at least one layer index (unset it to project at every layer); found []"
+            )
         values["grasp_layers"] = sorted(set(layers))
     modules = values.get("grasp_target_modules")
     if isinstance(modules, str):
         try:
             modules = json.loads(modules)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"grasp_target_modules: expected a JSON object like "
-                             f"{{\"my_out\": \"write\"}}; found {modules!r} ({exc})") from exc
+            raise ValueError(
+                f'grasp_target_modules: expected a JSON object like {{"my_out": "write"}}; found {modules!r} ({exc})'
+            ) from exc
     if modules is not None:
         if not isinstance(modules, dict) or any(v not in ("write", "read") for v in modules.values()):
-            raise ValueError(f"grasp_target_modules: expected a mapping of module name -> 'write' or 'read'; "
-                             f"found {modules!r}")
+            raise ValueError(
+                f"grasp_target_modules: expected a mapping of module name -> 'write' or 'read'; found {modules!r}"
+            )
         values["grasp_target_modules"] = modules
     drift_steps = values.get("grasp_drift_steps")
-    if drift_steps is not None and (isinstance(drift_steps, bool) or not isinstance(drift_steps, int)
-                                    or drift_steps <= 0):
+    if drift_steps is not None and (
+        isinstance(drift_steps, bool) or not isinstance(drift_steps, int) or drift_steps <= 0
+    ):
         raise ValueError(f"grasp_drift_steps: expected a positive number of steps; found {drift_steps!r}")
     return values
 
@@ -88,60 +96,112 @@ def validate_grasp_fields(values: dict[str, Any]) -> dict[str, Any]:
 class GraspArguments:
     """The GRASP keys. GRASP is on when `grasp_directions` or `grasp_identify_steps` is set."""
 
-    grasp_directions: str | None = field(default=None, metadata={
-        "help": "Path to a direction file (`grasp identify` output, or a stage-1 file). Skips identification."})
-    grasp_identify_steps: int | str | None = field(default=None, metadata={
-        "help": "When no direction file is given: optimizer steps of the naive stage-1 LoRA run on the same data, "
-                "or 'auto' (recommended): stop stage 1 when the spectral gap s1/s2 of its update has fallen to 0.9x "
-                "its peak with a stable top direction (the factor is learnt, the task has begun; see "
-                "grasp_trl/stopping.py), at most grasp_identify_max_steps. Directions are extracted from the "
-                "adapter at that step, the adapter is reset to its initial values and stage 2 trains with "
-                "projection, all in one `train()` call."})
-    grasp_identify_max_steps: int | None = field(default=None, metadata={
-        "help": "grasp_identify_steps=auto: the most steps stage 1 may run (default: the run's own length)."})
-    grasp_identify_every: int = field(default=5, metadata={
-        "help": "grasp_identify_steps=auto: snapshot the update's spectrum every this many optimizer steps."})
-    grasp_num_directions: int = field(default=1, metadata={
-        "help": "k: directions per layer (or in the global basis). Ignored when grasp_energy is set. Default 1: "
-                "in the organism benchmark k=2 cut drift no more (median 2.2x either way over 15 valid seeds) and "
-                "cost retention on some bases."})
-    grasp_energy: float | None = field(default=None, metadata={
-        "help": "Choose k per layer as the smallest number of directions capturing this fraction of the stage-1 "
-                "update's squared spectrum (capped at grasp_num_directions)."})
-    grasp_scope: str = field(default="global", metadata={
-        "help": "global (default): one basis from all blocks' writer updates, applied at every layer; per_layer: "
-                "one basis per block from that block's writer updates (worse in every organism world measured)."})
-    grasp_projection: str = field(default="both", metadata={
-        "help": "both (default): activations and weights together; activations: project the directions out of the "
-                "gradient of every block's output residual (forward untouched); weights: constrain the LoRA/full-"
-                "weight update to be orthogonal to them — alone it does NOTHING to the drift in the valid organism "
-                "(0.7-1.6x on 15 seeds; the frozen blocks still write the factor), its value is as half of both, "
-                "where it keeps retention up; clamp (LoRA only): during training hold each block output's "
-                "component along the directions at the base model's value (one extra no-grad forward per step): "
-                "a larger drift cut than both in the organism (median 3.1x against 2.2x) at a retention cost. "
-                "Measured in benchmarks/organism/README.md."})
-    grasp_sides: str = field(default="both", metadata={
-        "help": "weights mode: constrain the updates of writers (write), readers (read) or both."})
-    grasp_reader_layer: str = field(default="own", metadata={
-        "help": "weights mode: a reader in block l is constrained with its own block's basis (own) or with the "
-                "basis of the stream it reads, block l-1 (input)."})
-    grasp_layers: list[int] | None = field(default=None, metadata={
-        "help": "Only project at these block indices (default: every layer with a direction)."})
-    grasp_target_modules: str | None = field(default=None, metadata={
-        "help": "JSON object mapping module leaf names (or regexes) to 'write' or 'read', for architectures "
-                "whose modules GRASP does not know by name, e.g. '{\"out_x\": \"write\", \"in_x\": \"read\"}'."})
-    grasp_include_readers: bool = field(default=False, metadata={
-        "help": "Identification: also stack the readers' input-side updates of each block."})
-    grasp_drift_steps: int | None = field(default=None, metadata={
-        "help": "Drift monitor (works with or without GRASP): every this many optimizer steps, log "
-                "grasp/drift/layer_{l}, the mean shift of the residual stream along the directions since train "
-                "start on held-out prompts. Off when unset."})
-    grasp_drift_directions: str | None = field(default=None, metadata={
-        "help": "Direction file the drift monitor reads along (default: grasp_directions, or the directions "
-                "identified in stage 1)."})
-    grasp_drift_prompts: str | None = field(default=None, metadata={
-        "help": "JSONL of held-out prompts for the drift monitor ('prompt' or 'text' per line; default: the "
-                "shipped neutral prompts)."})
+    grasp_directions: str | None = field(
+        default=None,
+        metadata={
+            "help": "Path to a direction file (`grasp identify` output, or a stage-1 file). Skips identification."
+        },
+    )
+    grasp_identify_steps: int | str | None = field(
+        default=None,
+        metadata={
+            "help": "When no direction file is given: optimizer steps of the naive stage-1 LoRA run on the same data, "
+            "or 'auto' (recommended): stop stage 1 when the spectral gap s1/s2 of its update has fallen to 0.9x "
+            "its peak with a stable top direction (the factor is learnt, the task has begun; see "
+            "grasp_trl/stopping.py), at most grasp_identify_max_steps. Directions are extracted from the "
+            "adapter at that step, the adapter is reset to its initial values and stage 2 trains with "
+            "projection, all in one `train()` call."
+        },
+    )
+    grasp_identify_max_steps: int | None = field(
+        default=None,
+        metadata={"help": "grasp_identify_steps=auto: the most steps stage 1 may run (default: the run's own length)."},
+    )
+    grasp_identify_every: int = field(
+        default=5,
+        metadata={"help": "grasp_identify_steps=auto: snapshot the update's spectrum every this many optimizer steps."},
+    )
+    grasp_num_directions: int = field(
+        default=1,
+        metadata={
+            "help": "k: directions per layer (or in the global basis). Ignored when grasp_energy is set. Default 1: "
+            "in the organism benchmark k=2 cut drift no more (median 2.2x either way over 15 valid seeds) and "
+            "cost retention on some bases."
+        },
+    )
+    grasp_energy: float | None = field(
+        default=None,
+        metadata={
+            "help": "Choose k per layer as the smallest number of directions capturing this fraction of the stage-1 "
+            "update's squared spectrum (capped at grasp_num_directions)."
+        },
+    )
+    grasp_scope: str = field(
+        default="global",
+        metadata={
+            "help": "global (default): one basis from all blocks' writer updates, applied at every layer; per_layer: "
+            "one basis per block from that block's writer updates (worse in every organism world measured)."
+        },
+    )
+    grasp_projection: str = field(
+        default="both",
+        metadata={
+            "help": "both (default): activations and weights together; activations: project the directions out of the "
+            "gradient of every block's output residual (forward untouched); weights: constrain the LoRA/full-"
+            "weight update to be orthogonal to them — alone it does NOTHING to the drift in the valid organism "
+            "(0.7-1.6x on 15 seeds; the frozen blocks still write the factor), its value is as half of both, "
+            "where it keeps retention up; clamp (LoRA only): during training hold each block output's "
+            "component along the directions at the base model's value (one extra no-grad forward per step): "
+            "a larger drift cut than both in the organism (median 3.1x against 2.2x) at a retention cost. "
+            "Measured in benchmarks/organism/README.md."
+        },
+    )
+    grasp_sides: str = field(
+        default="both",
+        metadata={"help": "weights mode: constrain the updates of writers (write), readers (read) or both."},
+    )
+    grasp_reader_layer: str = field(
+        default="own",
+        metadata={
+            "help": "weights mode: a reader in block l is constrained with its own block's basis (own) or with the "
+            "basis of the stream it reads, block l-1 (input)."
+        },
+    )
+    grasp_layers: list[int] | None = field(
+        default=None, metadata={"help": "Only project at these block indices (default: every layer with a direction)."}
+    )
+    grasp_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON object mapping module leaf names (or regexes) to 'write' or 'read', for architectures "
+            'whose modules GRASP does not know by name, e.g. \'{"out_x": "write", "in_x": "read"}\'.'
+        },
+    )
+    grasp_include_readers: bool = field(
+        default=False, metadata={"help": "Identification: also stack the readers' input-side updates of each block."}
+    )
+    grasp_drift_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Drift monitor (works with or without GRASP): every this many optimizer steps, log "
+            "grasp/drift/layer_{l}, the mean shift of the residual stream along the directions since train "
+            "start on held-out prompts. Off when unset."
+        },
+    )
+    grasp_drift_directions: str | None = field(
+        default=None,
+        metadata={
+            "help": "Direction file the drift monitor reads along (default: grasp_directions, or the directions "
+            "identified in stage 1)."
+        },
+    )
+    grasp_drift_prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSONL of held-out prompts for the drift monitor ('prompt' or 'text' per line; default: the "
+            "shipped neutral prompts)."
+        },
+    )
 
     def __post_init__(self):
         validated = validate_grasp_fields({name: getattr(self, name) for name in grasp_field_names()})

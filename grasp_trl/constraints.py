@@ -96,14 +96,22 @@ def group_constraints(constraints: list[Constraint], max_stack_numel: int | None
         stackable = constraint.anchor is None and param.numel() <= limit
         key = (tuple(param.shape), param.dtype, param.device, constraint.dim) if stackable else id(constraint)
         buckets.setdefault(key, []).append(constraint)
-    return [ConstraintGroup(members, members[0].basis if len(members) == 1 else
-                            torch.stack([c.basis for c in members])) for members in buckets.values()]
+    return [
+        ConstraintGroup(members, members[0].basis if len(members) == 1 else torch.stack([c.basis for c in members]))
+        for members in buckets.values()
+    ]
 
 
-
-def find_constraints(model: nn.Module, directions: DirectionSet, sides: Sides = "both", *,
-                     reader_layer: ReaderLayer = "own", target_modules=None, adapter_name: str | None = None,
-                     basis: BasisLookup | None = None) -> list[Constraint]:
+def find_constraints(
+    model: nn.Module,
+    directions: DirectionSet,
+    sides: Sides = "both",
+    *,
+    reader_layer: ReaderLayer = "own",
+    target_modules=None,
+    adapter_name: str | None = None,
+    basis: BasisLookup | None = None,
+) -> list[Constraint]:
     """The constraints `weights` mode enforces on `model` for `directions` (possibly none): on the LoRA factors
     of `adapter_name` (default: the active adapter) when the model has LoRA layers, else on its trainable full
     weights with their pretrained components anchored (raising when there is none). `basis(layer, device)`
@@ -124,16 +132,19 @@ def _basis_layer(directions: DirectionSet, role: str, layer: int, reader_layer: 
     return layer if layer in directions.bases else None
 
 
-def _lora_constraints(model, directions, sides, reader_layer, target_modules, adapter_name, basis
-                      ) -> list[Constraint] | None:
+def _lora_constraints(
+    model, directions, sides, reader_layer, target_modules, adapter_name, basis
+) -> list[Constraint] | None:
     """Constraints on LoRA A/B, or None when the model has no LoRA layers (full fine-tuning)."""
     constraints, seen_lora = [], False
     for name, module, adapter in lora_modules(model, adapter_name):
         seen_lora = True
         if getattr(module, "use_dora", {}).get(adapter, False):
-            raise ValueError(f"{name}: DoRA rescales the whole weight by a learned magnitude, so the "
-                             "update cannot be kept orthogonal to the directions; use projection="
-                             "'activations' with DoRA, or plain LoRA with 'weights'")
+            raise ValueError(
+                f"{name}: DoRA rescales the whole weight by a learned magnitude, so the "
+                "update cannot be kept orthogonal to the directions; use projection="
+                "'activations' with DoRA, or plain LoRA with 'weights'"
+            )
         role, layer = classify(name, target_modules), block_index(name)
         if role is None or layer is None or not _wants(sides, role):
             continue
@@ -142,8 +153,9 @@ def _lora_constraints(model, directions, sides, reader_layer, target_modules, ad
             continue
         factor, dim = constrained_factor(role)
         owner = getattr(module, factor)[adapter]
-        constraints.append(Constraint(f"{name}.{factor}", owner.weight, basis(layer, owner.weight.device), dim,
-                                      owner=owner))
+        constraints.append(
+            Constraint(f"{name}.{factor}", owner.weight, basis(layer, owner.weight.device), dim, owner=owner)
+        )
     return constraints if seen_lora else None
 
 
@@ -186,12 +198,16 @@ def _full_constraints(model, directions, sides, reader_layer, target_modules, ba
                 by_param[key] = Constraint(name, param, u, dim, owner=module, attr=attr)
     for constraint in by_param.values():
         if constraint.param.is_meta:
-            raise ValueError(f"{constraint.name} is on the meta device (FSDP's cpu_ram_efficient_loading loads "
-                             "the model on rank 0 only): weights projection of full fine-tuning must capture "
-                             "the pretrained component U^T W0 on every rank; set "
-                             "fsdp_cpu_ram_efficient_loading: false (or use LoRA)")
+            raise ValueError(
+                f"{constraint.name} is on the meta device (FSDP's cpu_ram_efficient_loading loads "
+                "the model on rank 0 only): weights projection of full fine-tuning must capture "
+                "the pretrained component U^T W0 on every rank; set "
+                "fsdp_cpu_ram_efficient_loading: false (or use LoRA)"
+            )
         constraint.anchor = constraint.component(full_fp32(constraint.param)).detach().clone()
     if not by_param:
-        raise ValueError("weights projection found nothing to constrain: no LoRA layer and no trainable "
-                         "writer/reader weight in a block with a direction")
+        raise ValueError(
+            "weights projection found nothing to constrain: no LoRA layer and no trainable "
+            "writer/reader weight in a block with a direction"
+        )
     return list(by_param.values())

@@ -36,8 +36,13 @@ def check_output_dir(output_dir: Path) -> None:
         check_output(output_dir / name, "--output-dir", overwrite=True)
 
 
-def run_demo(output_dir: str | Path = "outputs/demo", *, seeds=DEMO_SEEDS, cache_dir: str | Path | None = None,
-             methods=DEMO_METHODS) -> dict:
+def run_demo(
+    output_dir: str | Path = "outputs/demo",
+    *,
+    seeds=DEMO_SEEDS,
+    cache_dir: str | Path | None = None,
+    methods=DEMO_METHODS,
+) -> dict:
     """Run the compact comparison and write `organism.png`, `organism.json` and `directions.safetensors`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -56,20 +61,27 @@ def run_demo(output_dir: str | Path = "outputs/demo", *, seeds=DEMO_SEEDS, cache
     labs: dict = {}
     result = run_grid(config, list(methods), [0], list(seeds), cache_dir=cache_dir, log=log, labs=labs)
     defaults, lab = GraspArguments(), labs[0]
-    lab.identified(seeds[0], k=defaults.grasp_num_directions, scope=defaults.grasp_scope,
-                   step=lab.naive(seeds[0]).stop_step).save(output_dir / "directions.safetensors")
+    lab.identified(
+        seeds[0], k=defaults.grasp_num_directions, scope=defaults.grasp_scope, step=lab.naive(seeds[0]).stop_step
+    ).save(output_dir / "directions.safetensors")
     print("\n" + table(result))
-    print("\nfactor: naive's drift over the method's on the same seed ('rem': removed, drift <= 0.005); drift: "
-          "P(evil flavour) on\nthe other topics minus the base's; task: P(new mapping) on held-out questions; "
-          "retention: other topics' content;\ncond: follows an explicit persona token; ident: |cos| between "
-          "identified and supervised persona directions;\nstage1: steps of the naive stage-1 run GRASP identified "
-          f"from. grasp-default = {defaults.grasp_projection}, {defaults.grasp_scope}, "
-          f"k={defaults.grasp_num_directions}, grasp_identify_steps: auto.")
-    print("\nThis is one base of the organism. Across re-drawn bases the cut varies widely (about 2x on some) and "
-          "about half of the\nworld's draws fail their positive controls: benchmarks/organism/README.md has the "
-          "per-base, per-seed figures.")
+    print(
+        "\nfactor: naive's drift over the method's on the same seed ('rem': removed, drift <= 0.005); drift: "
+        "P(evil flavour) on\nthe other topics minus the base's; task: P(new mapping) on held-out questions; "
+        "retention: other topics' content;\ncond: follows an explicit persona token; ident: |cos| between "
+        "identified and supervised persona directions;\nstage1: steps of the naive stage-1 run GRASP identified "
+        f"from. grasp-default = {defaults.grasp_projection}, {defaults.grasp_scope}, "
+        f"k={defaults.grasp_num_directions}, grasp_identify_steps: auto."
+    )
+    print(
+        "\nThis is one base of the organism. Across re-drawn bases the cut varies widely (about 2x on some) and "
+        "about half of the\nworld's draws fail their positive controls: benchmarks/organism/README.md has the "
+        "per-base, per-seed figures."
+    )
     save_json(result, output_dir / "organism.json")
     plot(result, output_dir / "organism.png", title="grasp demo")
-    print(f"\nwrote {output_dir / 'organism.png'}, {output_dir / 'organism.json'} and "
-          f"{output_dir / 'directions.safetensors'} (inspect it with `grasp inspect`)")
+    print(
+        f"\nwrote {output_dir / 'organism.png'}, {output_dir / 'organism.json'} and "
+        f"{output_dir / 'directions.safetensors'} (inspect it with `grasp inspect`)"
+    )
     return result

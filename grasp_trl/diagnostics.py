@@ -24,8 +24,8 @@ def inspect_report(directions: DirectionSet) -> str:
         f"sides={meta.get('sides', '?')} selection={meta.get('selection', '?')}",
         f"imported from: {meta['source_file']} ({meta.get('import_format', '?')}, sha256 "
         f"{str(meta.get('source_sha256', '?'))[:12]}); {meta.get('index_mapping', 'keys = block indices')}"
-        if "source_file" in meta else
-        f"source adapter: {meta.get('source_adapter', '?')} "
+        if "source_file" in meta
+        else f"source adapter: {meta.get('source_adapter', '?')} "
         f"(sha256 {str(meta.get('source_adapter_sha256', '?'))[:12]})",
         f"base model: {meta.get('base_model', '?')}   created: {meta.get('created', '?')}",
         "",
@@ -38,8 +38,11 @@ def inspect_report(directions: DirectionSet) -> str:
     layers = sorted(directions.bases)
     for index, layer in enumerate(layers):
         nxt = layers[index + 1] if index + 1 < len(layers) else None
-        cosine = f"{principal_cosine(directions.bases[layer], directions.bases[nxt]):10.3f}" if nxt is not None \
+        cosine = (
+            f"{principal_cosine(directions.bases[layer], directions.bases[nxt]):10.3f}"
+            if nxt is not None
             else f"{'-':>10}"
+        )
         values = ", ".join(f"{v:.4g}" for v in spectra.get(str(layer), [])[:6])
         captured = energy.get(str(layer))
         captured = f"{captured:6.3f}" if captured is not None else f"{'-':>6}"
@@ -63,9 +66,12 @@ def final_norm(model):
     """The final norm applied before the unembedding (`model.norm`, `ln_f`, `final_layer_norm`, ...)."""
     from .modules import block_index
 
-    candidates = [module for name, module in model.named_modules()
-                  if block_index(name) is None and name.split(".")[-1] in {"norm", "ln_f", "final_layer_norm",
-                                                                          "final_norm", "norm_f"}]
+    candidates = [
+        module
+        for name, module in model.named_modules()
+        if block_index(name) is None
+        and name.split(".")[-1] in {"norm", "ln_f", "final_layer_norm", "final_norm", "norm_f"}
+    ]
     if not candidates:
         raise ValueError(f"{type(model).__name__}: no final norm found (looked for norm, ln_f, final_layer_norm)")
     return candidates[-1]
@@ -107,8 +113,10 @@ def logit_lens(model, tokenizer, directions: DirectionSet, top: int = 5) -> dict
 
 def logit_lens_report(readout: dict[int, list[dict]]) -> str:
     """Text table of `logit_lens` output: one line per layer and direction."""
-    lines = ["logit lens (final norm + unembedding of the base model; basis signs are arbitrary):",
-             f"{'layer':>5}  {'dir':>3}  promotes | suppresses"]
+    lines = [
+        "logit lens (final norm + unembedding of the base model; basis signs are arbitrary):",
+        f"{'layer':>5}  {'dir':>3}  promotes | suppresses",
+    ]
     for layer, rows in readout.items():
         for index, row in enumerate(rows):
             promoted = " ".join(token for token, _ in row["promoted"])

@@ -111,8 +111,16 @@ class DirectionSet:
     Immutable: `bases` and `metadata` are read-only mappings and attributes cannot be set.
     """
 
-    def __init__(self, bases: Mapping[int, torch.Tensor], num_layers: int, metadata: Mapping[str, Any] | None = None,
-                 *, source: str = "<in memory>", path: str | os.PathLike | None = None, file_bytes: bytes | None = None):
+    def __init__(
+        self,
+        bases: Mapping[int, torch.Tensor],
+        num_layers: int,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        source: str = "<in memory>",
+        path: str | os.PathLike | None = None,
+        file_bytes: bytes | None = None,
+    ):
         set_ = functools.partial(object.__setattr__, self)
         set_("num_layers", int(num_layers))
         set_("source", source)
@@ -130,18 +138,23 @@ class DirectionSet:
             if not 0 <= layer < self.num_layers:
                 raise DirectionFileError(f"{where}: layer index {layer} out of range for num_layers={self.num_layers}")
             if basis.ndim != 2 or basis.shape[1] == 0 or basis.shape[1] >= basis.shape[0]:
-                raise DirectionFileError(f"{where}: expected shape (hidden_size, k) with 1 <= k < hidden_size "
-                                         f"(k = hidden_size would project out the whole stream), found "
-                                         f"{tuple(basis.shape)}")
+                raise DirectionFileError(
+                    f"{where}: expected shape (hidden_size, k) with 1 <= k < hidden_size "
+                    f"(k = hidden_size would project out the whole stream), found "
+                    f"{tuple(basis.shape)}"
+                )
             if not torch.isfinite(basis).all():
                 raise DirectionFileError(f"{where}: contains NaN or Inf")
             error = orthonormality_error(basis)
             if error > DEGENERATE_TOL:
-                raise DirectionFileError(f"{where}: columns are not orthonormal (max |U^T U - I| = {error:.3g}); "
-                                         "expected an orthonormal basis")
+                raise DirectionFileError(
+                    f"{where}: columns are not orthonormal (max |U^T U - I| = {error:.3g}); "
+                    "expected an orthonormal basis"
+                )
             if error > ORTHONORMAL_TOL:
-                warnings.warn(f"{where}: max |U^T U - I| = {error:.3g} > {ORTHONORMAL_TOL}; re-orthonormalising",
-                              stacklevel=2)
+                warnings.warn(
+                    f"{where}: max |U^T U - I| = {error:.3g} > {ORTHONORMAL_TOL}; re-orthonormalising", stacklevel=2
+                )
                 basis = torch.linalg.qr(basis.double())[0].float()
             sizes.add(basis.shape[0])
             checked[layer] = basis.contiguous()
@@ -177,10 +190,16 @@ class DirectionSet:
         default): the control that asks whether projecting *any* directions changes a result."""
         generator = torch.Generator().manual_seed(seed)
         layers = range(num_layers) if layers is None else layers
-        bases = {l: torch.linalg.qr(torch.randn(hidden_size, k, generator=generator, dtype=torch.float64))[0].float()
-                 for l in layers}
-        return cls(bases, num_layers, {"hidden_size": hidden_size, "source": "random", "seed": seed},
-                   source=f"random directions (seed {seed})")
+        bases = {
+            l: torch.linalg.qr(torch.randn(hidden_size, k, generator=generator, dtype=torch.float64))[0].float()
+            for l in layers
+        }
+        return cls(
+            bases,
+            num_layers,
+            {"hidden_size": hidden_size, "source": "random", "seed": seed},
+            source=f"random directions (seed {seed})",
+        )
 
     def with_metadata(self, **entries) -> DirectionSet:
         """A new in-memory set with the same bases and `entries` added to (or replacing) the metadata."""
@@ -194,10 +213,11 @@ class DirectionSet:
             raise DirectionFileError(f"grasp_layers: {bad} out of range for a model with {self.num_layers} layers")
         kept = {l: b for l, b in self.bases.items() if l in layers}
         if not kept and self.bases:
-            raise DirectionFileError(f"grasp_layers: {sorted(layers)} keeps none of the layers {sorted(self.bases)} "
-                                     f"that {self.source} has directions for; nothing would be projected")
-        return DirectionSet(kept, self.num_layers, {**self.metadata, "layers_kept": sorted(layers)},
-                            source=self.source)
+            raise DirectionFileError(
+                f"grasp_layers: {sorted(layers)} keeps none of the layers {sorted(self.bases)} "
+                f"that {self.source} has directions for; nothing would be projected"
+            )
+        return DirectionSet(kept, self.num_layers, {**self.metadata, "layers_kept": sorted(layers)}, source=self.source)
 
     def __repr__(self) -> str:
         ks = {l: b.shape[1] for l, b in self.bases.items()}
@@ -211,16 +231,23 @@ class DirectionSet:
         model_d, model_l = hidden_size(model), num_hidden_layers(model)
         name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
         if self.hidden_size is not None and self.hidden_size != model_d:
-            raise DirectionFileError(f"{self.source}: direction file has hidden_size={self.hidden_size}, "
-                                     f"model {name} has hidden_size={model_d}")
+            raise DirectionFileError(
+                f"{self.source}: direction file has hidden_size={self.hidden_size}, "
+                f"model {name} has hidden_size={model_d}"
+            )
         if self.num_layers != model_l:
-            raise DirectionFileError(f"{self.source}: direction file has num_layers={self.num_layers}, "
-                                     f"model {name} has num_hidden_layers={model_l}")
+            raise DirectionFileError(
+                f"{self.source}: direction file has num_layers={self.num_layers}, "
+                f"model {name} has num_hidden_layers={model_l}"
+            )
         base = self.metadata.get("base_model")
         if base and name and not _same_model(base, name) and (self.source, name) not in _WARNED_FOREIGN:
             _WARNED_FOREIGN.add((self.source, name))  # once per set and model: several steps of one command validate
-            warnings.warn(f"{self.source}: identified on base model {base}, applied to model {name}: directions of "
-                          "one base model mean nothing in another (same shapes only)", stacklevel=2)
+            warnings.warn(
+                f"{self.source}: identified on base model {base}, applied to model {name}: directions of "
+                "one base model mean nothing in another (same shapes only)",
+                stacklevel=2,
+            )
 
     # ----------------------------------------------------------------------------------------------- files
     @property
@@ -281,12 +308,13 @@ class DirectionSet:
 
         path = Path(path)
         if not path.is_file():
-            raise DirectionFileError(f"{path}: direction file not found" +
-                                     (" (it is a directory)" if path.is_dir() else ""))
+            raise DirectionFileError(
+                f"{path}: direction file not found" + (" (it is a directory)" if path.is_dir() else "")
+            )
         data = path.read_bytes()
         try:
             header_length = int.from_bytes(data[:8], "little")
-            header = json.loads(data[8:8 + header_length])
+            header = json.loads(data[8 : 8 + header_length])
             raw_meta = (header.get("__metadata__") or {}).get("grasp")
             tensors = load(data)
         except Exception as exc:  # safetensors raises several types for truncated/garbled files
@@ -314,7 +342,9 @@ class DirectionSet:
 def _same_model(a: str, b: str) -> bool:
     """Whether two model names (hub ids or local directories) plausibly name the same model: equal after
     resolving local paths, or the same final path component (a hub id and its local snapshot)."""
+
     def norm(name: str) -> str:
         return str(Path(name).resolve()) if Path(name).exists() else name.rstrip("/")
+
     a, b = norm(a), norm(b)
     return a == b or Path(a).name == Path(b).name

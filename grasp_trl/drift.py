@@ -37,8 +37,16 @@ class GraspDriftCallback(TrainerCallback):
         batch_size, max_length: of the probe's forward passes.
     """
 
-    def __init__(self, directions: DirectionSet | str | Path | None, prompts: Sequence[str] | str | Path = DEFAULT_PROMPTS,
-                 every_n_steps: int = 50, *, tokenizer=None, batch_size: int = 16, max_length: int = 128):
+    def __init__(
+        self,
+        directions: DirectionSet | str | Path | None,
+        prompts: Sequence[str] | str | Path = DEFAULT_PROMPTS,
+        every_n_steps: int = 50,
+        *,
+        tokenizer=None,
+        batch_size: int = 16,
+        max_length: int = 128,
+    ):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps: expected a positive integer; found {every_n_steps!r}")
         self.directions = DirectionSet.load(directions) if isinstance(directions, (str, Path)) else directions
@@ -62,8 +70,7 @@ class GraspDriftCallback(TrainerCallback):
             return
         tokenizer = self.tokenizer or processing_class
         if tokenizer is None:
-            raise ValueError("GraspDriftCallback: no tokenizer; pass tokenizer= or give the trainer a "
-                             "processing_class")
+            raise ValueError("GraspDriftCallback: no tokenizer; pass tokenizer= or give the trainer a processing_class")
         self.directions.validate_for(model)
         self._encoded = tokenize(tokenizer, self.prompts, self.max_length)
         self.reference = self._read(model)

@@ -50,8 +50,10 @@ def reduction_mesh_dims(x, dim: int) -> tuple[int, ...]:
     dims = []
     for mesh_dim, placement in enumerate(x.placements):
         if placement.is_partial():
-            raise ValueError(f"GRASP cannot project a DTensor with a Partial placement ({x.placements}); FSDP2 "
-                             "parameters and their reduced gradients are Shard/Replicate")
+            raise ValueError(
+                f"GRASP cannot project a DTensor with a Partial placement ({x.placements}); FSDP2 "
+                "parameters and their reduced gradients are Shard/Replicate"
+            )
         if placement.is_shard() and placement.dim % x.ndim == dim:
             dims.append(mesh_dim)
     return tuple(dims)
@@ -59,8 +61,7 @@ def reduction_mesh_dims(x, dim: int) -> tuple[int, ...]:
 
 def _check_shape(x, what: str) -> None:
     if x.ndim not in (1, 2):
-        raise ValueError(f"GRASP's FSDP2 projection handles 1-D and 2-D parameters; {what} has shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(f"GRASP's FSDP2 projection handles 1-D and 2-D parameters; {what} has shape {tuple(x.shape)}")
 
 
 @torch.no_grad()
@@ -87,8 +88,15 @@ def project_dtensors_(items, *, stats: bool = False):
         if anchor is not None:
             anchor = anchor.reshape(anchor.shape[0], -1)
             anchor = anchor[:, cols] if dim == 0 else anchor[rows]
-        entry = {"x": x, "local": local, "matrix": matrix, "u": u, "dim": dim, "anchor": anchor,
-                 "coefficients": partial}
+        entry = {
+            "x": x,
+            "local": local,
+            "matrix": matrix,
+            "u": u,
+            "dim": dim,
+            "anchor": anchor,
+            "coefficients": partial,
+        }
         prepared.append(entry)
         mesh_dims = reduction_mesh_dims(x, dim)
         if mesh_dims:
@@ -101,8 +109,9 @@ def project_dtensors_(items, *, stats: bool = False):
             e["coefficients"] = chunk.view_as(e["coefficients"])
     total = removed = None
     for e in prepared:
-        excess = e["coefficients"] if e["anchor"] is None else e["coefficients"] - e["anchor"].to(
-            e["coefficients"].device)
+        excess = (
+            e["coefficients"] if e["anchor"] is None else e["coefficients"] - e["anchor"].to(e["coefficients"].device)
+        )
         matrix, u = e["matrix"], e["u"]
         change = u @ excess if e["dim"] == 0 else excess @ u.T
         if stats:
@@ -157,12 +166,16 @@ def reject_fsdp(args, accelerator=None, projection: str | None = None) -> None:
         return
     if int(version) != 2:
         fsdp = getattr(args, "fsdp", None)
-        raise ValueError(f"GRASP does not support FSDP1 (fsdp={fsdp or 'ACCELERATE_USE_FSDP'}, version {version}): "
-                         "its flattened parameters hide the per-module LoRA/weight tensors the projection acts on. "
-                         "Use FSDP2 (fsdp_config={'version': 2}; Axolotl: fsdp_version: 2; accelerate: "
-                         "fsdp_version: 2, see recipes/accelerate/fsdp2.yaml) or DeepSpeed ZeRO-3 "
-                         "(deepspeed=recipes/deepspeed/zero3.json; see docs/SUPPORT.md).")
+        raise ValueError(
+            f"GRASP does not support FSDP1 (fsdp={fsdp or 'ACCELERATE_USE_FSDP'}, version {version}): "
+            "its flattened parameters hide the per-module LoRA/weight tensors the projection acts on. "
+            "Use FSDP2 (fsdp_config={'version': 2}; Axolotl: fsdp_version: 2; accelerate: "
+            "fsdp_version: 2, see recipes/accelerate/fsdp2.yaml) or DeepSpeed ZeRO-3 "
+            "(deepspeed=recipes/deepspeed/zero3.json; see docs/SUPPORT.md)."
+        )
     if projection == "clamp":
-        raise ValueError("GRASP: grasp_projection='clamp' is not supported under FSDP (its extra base-model "
-                         "forward inside the root forward is untested with fully_shard); use 'activations' or "
-                         "'both' under FSDP2, or clamp under DeepSpeed/single process (see docs/SUPPORT.md).")
+        raise ValueError(
+            "GRASP: grasp_projection='clamp' is not supported under FSDP (its extra base-model "
+            "forward inside the root forward is untested with fully_shard); use 'activations' or "
+            "'both' under FSDP2, or clamp under DeepSpeed/single process (see docs/SUPPORT.md)."
+        )

@@ -58,8 +58,9 @@ def stacked_core(factors: Iterable[LoraFactor]) -> torch.Tensor:
     return torch.cat([factor.left @ triangular_root(factor.right).T for factor in factors], dim=1)
 
 
-def top_singular(core: torch.Tensor, count: int, *, seed: int = 0, iterations: int = 6
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def top_singular(
+    core: torch.Tensor, count: int, *, seed: int = 0, iterations: int = 6
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`count` left singular vectors and singular values of `core`.
 
     Exact SVD when `core` is narrow, randomised subspace iteration (oversampled, orthonormalised each pass)
@@ -82,8 +83,9 @@ def top_singular(core: torch.Tensor, count: int, *, seed: int = 0, iterations: i
     return u * signs, s
 
 
-def choose_k(singular_values: torch.Tensor, total_energy: float, k: int | None, energy: float | None,
-             max_k: int) -> int:
+def choose_k(
+    singular_values: torch.Tensor, total_energy: float, k: int | None, energy: float | None, max_k: int
+) -> int:
     """Fixed `k`, or the smallest `k <= max_k` whose directions capture `energy` of the squared spectrum."""
     if energy is None:
         return min(k, len(singular_values))
@@ -107,8 +109,14 @@ class AdapterReading:
     digest: Future | None = None
 
 
-def read_factors(adapter, *, include_readers: bool = False, target_modules: Mapping[str, Role] | None = None,
-                 num_layers: int | None = None, adapter_name: str | None = None) -> AdapterReading:
+def read_factors(
+    adapter,
+    *,
+    include_readers: bool = False,
+    target_modules: Mapping[str, Role] | None = None,
+    num_layers: int | None = None,
+    adapter_name: str | None = None,
+) -> AdapterReading:
     """The residual-side LoRA factors of `adapter` (a PEFT model, or a saved adapter directory read without the
     base model), refusing an adapter with none. `num_layers` defaults to the model's, or the base model's local
     config, else the deepest block the adapter touches (recorded as inferred)."""
@@ -116,37 +124,59 @@ def read_factors(adapter, *, include_readers: bool = False, target_modules: Mapp
         directory = Path(adapter)
         weights = directory / ADAPTER_WEIGHTS
         digest = _hash_in_background(weights) if weights.is_file() else None
-        factors, config = factors_from_adapter_dir(directory, include_readers=include_readers,
-                                                   target_modules=target_modules, compress=True)
+        factors, config = factors_from_adapter_dir(
+            directory, include_readers=include_readers, target_modules=target_modules, compress=True
+        )
         base = config.get("base_model_name_or_path")
-        metadata = {"source_adapter": str(directory.resolve()), "base_model": base,
-                    "base_model_revision": config.get("revision")}
-        reading = AdapterReading(factors, str(directory), num_layers or _layers_from_base_config(base) or 0,
-                                 metadata, digest)
+        metadata = {
+            "source_adapter": str(directory.resolve()),
+            "base_model": base,
+            "base_model_revision": config.get("revision"),
+        }
+        reading = AdapterReading(
+            factors, str(directory), num_layers or _layers_from_base_config(base) or 0, metadata, digest
+        )
     else:
-        factors = factors_from_peft_model(adapter, include_readers=include_readers, target_modules=target_modules,
-                                          adapter_name=adapter_name)
-        metadata = {"source_adapter": "<in-memory PEFT model>",
-                    "base_model": getattr(getattr(adapter, "config", None), "_name_or_path", None)}
-        reading = AdapterReading(factors, metadata["source_adapter"], num_layers or num_hidden_layers(adapter),
-                                 metadata)
+        factors = factors_from_peft_model(
+            adapter, include_readers=include_readers, target_modules=target_modules, adapter_name=adapter_name
+        )
+        metadata = {
+            "source_adapter": "<in-memory PEFT model>",
+            "base_model": getattr(getattr(adapter, "config", None), "_name_or_path", None),
+        }
+        reading = AdapterReading(
+            factors, metadata["source_adapter"], num_layers or num_hidden_layers(adapter), metadata
+        )
     if not factors:
         modules = "writers or readers" if include_readers else "writers: o_proj/down_proj-like"
-        raise ValueError(f"{reading.metadata['source_adapter']}: no LoRA module on the residual stream ({modules}) "
-                         "found; target them with LoRA or pass include_readers=True")
+        raise ValueError(
+            f"{reading.metadata['source_adapter']}: no LoRA module on the residual stream ({modules}) "
+            "found; target them with LoRA or pass include_readers=True"
+        )
     if not reading.num_layers:
         reading.num_layers = max(f.layer for f in factors) + 1
         reading.metadata["num_layers_inferred"] = True
     deepest = max(factors, key=lambda f: f.layer)
     if deepest.layer >= reading.num_layers:
-        raise ValueError(f"num_layers (--num-layers) = {reading.num_layers}: {reading.where} has a LoRA module in "
-                         f"block {deepest.layer} ({deepest.name}); expected num_layers >= {deepest.layer + 1}")
+        raise ValueError(
+            f"num_layers (--num-layers) = {reading.num_layers}: {reading.where} has a LoRA module in "
+            f"block {deepest.layer} ({deepest.name}); expected num_layers >= {deepest.layer + 1}"
+        )
     return reading
 
 
-def fit_directions(factors: list[LoraFactor], num_layers: int, k: int = 1, scope: Scope = "per_layer", *,
-                   energy: float | None = None, max_k: int = 8, layers: Iterable[int] | None = None,
-                   where: str = "the LoRA update", metadata: Mapping | None = None) -> DirectionSet:
+def fit_directions(
+    factors: list[LoraFactor],
+    num_layers: int,
+    k: int = 1,
+    scope: Scope = "per_layer",
+    *,
+    energy: float | None = None,
+    max_k: int = 8,
+    layers: Iterable[int] | None = None,
+    where: str = "the LoRA update",
+    metadata: Mapping | None = None,
+) -> DirectionSet:
     """The top singular directions of the stacked residual-side update, per block (`per_layer`) or one basis
     from every block's factors (`global`, stored for every layer), with the spectrum in the metadata."""
     groups: dict[int, list[LoraFactor]] = {}
@@ -168,18 +198,34 @@ def fit_directions(factors: list[LoraFactor], num_layers: int, k: int = 1, scope
         for layer in wanted:
             bases[layer] = basis
         spectra["global"], energies["global"] = values, _captured(core, values, basis.shape[1])
-    return DirectionSet({l: b.float() for l, b in bases.items()}, num_layers, {
-        **(metadata or {}), "module_classification": {f.name: f.role for f in factors},
-        "singular_values": {str(l): [float(v) for v in s] for l, s in spectra.items()},
-        "energy_captured": {str(l): e for l, e in energies.items()}, "hidden_size": factors[0].left.shape[0]},
-        source=f"directions identified from {where}")  # what a refusal of the set names
+    return DirectionSet(
+        {l: b.float() for l, b in bases.items()},
+        num_layers,
+        {
+            **(metadata or {}),
+            "module_classification": {f.name: f.role for f in factors},
+            "singular_values": {str(l): [float(v) for v in s] for l, s in spectra.items()},
+            "energy_captured": {str(l): e for l, e in energies.items()},
+            "hidden_size": factors[0].left.shape[0],
+        },
+        source=f"directions identified from {where}",
+    )  # what a refusal of the set names
 
 
 @single_threaded()
-def extract_directions(adapter, k: int = 1, scope: Scope = "per_layer", *, energy: float | None = None,
-                       max_k: int = 8, include_readers: bool = False, layers: Iterable[int] | None = None,
-                       target_modules: Mapping[str, Role] | None = None, num_layers: int | None = None,
-                       adapter_name: str | None = None) -> DirectionSet:
+def extract_directions(
+    adapter,
+    k: int = 1,
+    scope: Scope = "per_layer",
+    *,
+    energy: float | None = None,
+    max_k: int = 8,
+    include_readers: bool = False,
+    layers: Iterable[int] | None = None,
+    target_modules: Mapping[str, Role] | None = None,
+    num_layers: int | None = None,
+    adapter_name: str | None = None,
+) -> DirectionSet:
     """Identify the spurious factor as the top singular directions of a naive LoRA update.
 
     Args:
@@ -205,33 +251,60 @@ def extract_directions(adapter, k: int = 1, scope: Scope = "per_layer", *, energ
         raise ValueError(f"energy: expected a fraction in (0, 1], found {energy!r}")
     if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
         raise ValueError(f"max_k: expected a positive integer, found {max_k!r}")
-    reading = read_factors(adapter, include_readers=include_readers, target_modules=target_modules,
-                           num_layers=num_layers, adapter_name=adapter_name)
-    metadata = {"scope": scope, "sides": "both" if include_readers else "write",
-                "selection": {"k": k} if energy is None else {"energy": energy, "max_k": max_k}, **reading.metadata}
-    directions = fit_directions(reading.factors, reading.num_layers, k, scope, energy=energy, max_k=max_k,
-                                layers=layers, where=reading.where, metadata=metadata)
+    reading = read_factors(
+        adapter,
+        include_readers=include_readers,
+        target_modules=target_modules,
+        num_layers=num_layers,
+        adapter_name=adapter_name,
+    )
+    metadata = {
+        "scope": scope,
+        "sides": "both" if include_readers else "write",
+        "selection": {"k": k} if energy is None else {"energy": energy, "max_k": max_k},
+        **reading.metadata,
+    }
+    directions = fit_directions(
+        reading.factors,
+        reading.num_layers,
+        k,
+        scope,
+        energy=energy,
+        max_k=max_k,
+        layers=layers,
+        where=reading.where,
+        metadata=metadata,
+    )
     if reading.digest is not None:
         return directions.with_metadata(source_adapter_sha256=reading.digest.result())
     return directions
 
 
-def identify_from(adapter_dir: str | Path, args, num_layers: int | None = None,
-                  stopping: dict | None = None) -> DirectionSet:
+def identify_from(
+    adapter_dir: str | Path, args, num_layers: int | None = None, stopping: dict | None = None
+) -> DirectionSet:
     """Extract the directions the `grasp_*` keys of `args` (a `GraspArguments`) describe from a saved stage-1
     adapter; write them (`DIRECTIONS_FILENAME`) and the spectrum (with the stopping rule's trace when stage 1
     stopped by it) beside it. Returns the set as loaded from the file written."""
     from .config import DIRECTIONS_FILENAME
 
     adapter_dir = Path(adapter_dir)
-    directions = extract_directions(adapter_dir, k=args.grasp_num_directions, scope=args.grasp_scope,
-                                    energy=args.grasp_energy, max_k=args.grasp_num_directions,
-                                    include_readers=args.grasp_include_readers,
-                                    target_modules=args.grasp_target_modules, num_layers=num_layers)
+    directions = extract_directions(
+        adapter_dir,
+        k=args.grasp_num_directions,
+        scope=args.grasp_scope,
+        energy=args.grasp_energy,
+        max_k=args.grasp_num_directions,
+        include_readers=args.grasp_include_readers,
+        target_modules=args.grasp_target_modules,
+        num_layers=num_layers,
+    )
     directions.save(adapter_dir / DIRECTIONS_FILENAME)
-    spectrum = {"singular_values": directions.metadata["singular_values"],
-                "energy_captured": directions.metadata["energy_captured"],
-                "k": {str(l): directions.k(l) for l in directions.bases}}
+    spectrum = {
+        "singular_values": directions.metadata["singular_values"],
+        "energy_captured": directions.metadata["energy_captured"],
+        "k": {str(l): directions.k(l) for l in directions.bases},
+    }
     if stopping is not None:
         spectrum["stopping"] = stopping
     atomic_write(adapter_dir / "spectrum.json", lambda tmp: Path(tmp).write_text(json.dumps(spectrum, indent=1)))
@@ -253,8 +326,10 @@ def _basis(core, k, energy, max_k, count_needed, where: str):
     rank stacked there (only that many directions exist; metadata would record a `k` that was not taken)."""
     norm = float(core.norm())
     if not norm > MIN_UPDATE_NORM:
-        raise ValueError(f"{where}: LoRA update norm ||dW||_F = {norm:.3g}, expected > {MIN_UPDATE_NORM:g}: too "
-                         "small to define a direction (an untrained adapter? lora_B starts at zero)")
+        raise ValueError(
+            f"{where}: LoRA update norm ||dW||_F = {norm:.3g}, expected > {MIN_UPDATE_NORM:g}: too "
+            "small to define a direction (an untrained adapter? lora_B starts at zero)"
+        )
     if energy is None:
         check_k_fits(k, core.shape[1], where)
     values_wanted = min(max(count_needed, SPECTRUM_LENGTH), min(core.shape))
@@ -266,8 +341,9 @@ def _basis(core, k, energy, max_k, count_needed, where: str):
 def check_k_fits(k: int, rank: int, where: str) -> None:
     """Refuse `k` directions from an update of total LoRA rank `rank` (stacked at `where`): only `rank` exist."""
     if k > rank:
-        raise ValueError(f"{where}: k={k} directions asked, but the LoRA update there has total rank {rank}; "
-                         f"expected k <= {rank}")
+        raise ValueError(
+            f"{where}: k={k} directions asked, but the LoRA update there has total rank {rank}; expected k <= {rank}"
+        )
 
 
 def _captured(core, values, chosen) -> float:

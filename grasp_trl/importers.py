@@ -64,9 +64,11 @@ def _load_tensors(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise DirectionFileError(f"{path}: refused: the file holds pickled objects other than tensors and GRASP "
-                                 "only loads with weights_only=True; save the vectors as a plain tensor or as "
-                                 "safetensors") from exc
+        raise DirectionFileError(
+            f"{path}: refused: the file holds pickled objects other than tensors and GRASP "
+            "only loads with weights_only=True; save the vectors as a plain tensor or as "
+            "safetensors"
+        ) from exc
     except Exception as exc:  # truncated zip, not a torch file at all, ...
         raise DirectionFileError(f"{path}: not a readable torch tensor file ({str(exc).splitlines()[0]})") from exc
 
@@ -78,45 +80,69 @@ def _as_rows(value, where: str) -> torch.Tensor:
         return value[None]
     if value.ndim == 2:
         return value
-    raise DirectionFileError(f"{where}: expected a vector (d,) or a stack of vectors (k, d); "
-                             f"found shape {tuple(value.shape)}")
+    raise DirectionFileError(
+        f"{where}: expected a vector (d,) or a stack of vectors (k, d); found shape {tuple(value.shape)}"
+    )
 
 
 def _metadata(path: Path, fmt: str, **extra) -> dict:
-    return {"scope": "imported", "import_format": fmt, "source_file": str(path.resolve()),
-            "source_sha256": sha256_of(path), **extra}
+    return {
+        "scope": "imported",
+        "import_format": fmt,
+        "source_file": str(path.resolve()),
+        "source_sha256": sha256_of(path),
+        **extra,
+    }
 
 
-def from_layer_tensor(tensor: torch.Tensor, *, layers: Iterable[int] | None = None, num_layers: int | None = None,
-                      where: str = "<tensor>", metadata: dict | None = None) -> DirectionSet:
+def from_layer_tensor(
+    tensor: torch.Tensor,
+    *,
+    layers: Iterable[int] | None = None,
+    num_layers: int | None = None,
+    where: str = "<tensor>",
+    metadata: dict | None = None,
+) -> DirectionSet:
     """`[L+1, d]` or `[L+1, k, d]` (row 0 = embeddings, row l+1 = after block l) -> DirectionSet over L blocks."""
     if tensor.ndim not in (2, 3) or tensor.shape[0] < 2:
-        raise DirectionFileError(f"{where}: expected a layer tensor of shape [L+1, d] or [L+1, k, d] with L >= 1; "
-                                 f"found {tuple(tensor.shape)}")
+        raise DirectionFileError(
+            f"{where}: expected a layer tensor of shape [L+1, d] or [L+1, k, d] with L >= 1; "
+            f"found {tuple(tensor.shape)}"
+        )
     found = tensor.shape[0] - 1
     if num_layers is not None and num_layers != found:
-        raise DirectionFileError(f"{where}: {tensor.shape[0]} rows = embeddings + {found} blocks, but the model has "
-                                 f"num_layers={num_layers} (expected {num_layers + 1} rows)")
+        raise DirectionFileError(
+            f"{where}: {tensor.shape[0]} rows = embeddings + {found} blocks, but the model has "
+            f"num_layers={num_layers} (expected {num_layers + 1} rows)"
+        )
     wanted = range(found) if layers is None else sorted(set(int(l) for l in layers))
     bases = {}
     for layer in wanted:
         if not 0 <= layer < found:
             raise DirectionFileError(f"{where}: layer {layer} out of range for {found} blocks")
-        bases[layer] = orthonormal_basis(_as_rows(tensor[layer + 1], where), f"{where}: row {layer + 1} "
-                                         f"(block {layer})")
+        bases[layer] = orthonormal_basis(
+            _as_rows(tensor[layer + 1], where), f"{where}: row {layer + 1} (block {layer})"
+        )
     meta = {"index_mapping": INDEX_MAPPING, **(metadata or {}), "hidden_size": tensor.shape[-1]}
     return DirectionSet(bases, found, meta, source=where)
 
 
-def from_layer_dict(vectors: dict, *, num_layers: int | None = None, layers: Iterable[int] | None = None,
-                    where: str = "<dict>", metadata: dict | None = None) -> DirectionSet:
+def from_layer_dict(
+    vectors: dict,
+    *,
+    num_layers: int | None = None,
+    layers: Iterable[int] | None = None,
+    where: str = "<dict>",
+    metadata: dict | None = None,
+) -> DirectionSet:
     """`{layer: (d,) or (k, d)}` (layer = block index, keys like 12 / "12" / "layers.12") -> DirectionSet."""
     parsed = {}
     for key, value in vectors.items():
         match = _LAYER_KEY.match(str(key))
         if not match:
-            raise DirectionFileError(f"{where}: key {key!r} is not a layer index; expected keys like '12', "
-                                     "'layer.12' or 'layers.12'")
+            raise DirectionFileError(
+                f"{where}: key {key!r} is not a layer index; expected keys like '12', 'layer.12' or 'layers.12'"
+            )
         layer = int(match.group(1))
         if layer in parsed:
             raise DirectionFileError(f"{where}: layer {layer} appears twice")
@@ -137,8 +163,9 @@ def from_layer_dict(vectors: dict, *, num_layers: int | None = None, layers: Ite
     return DirectionSet(bases, num_layers, {**meta, "hidden_size": sizes.pop() if sizes else None}, source=where)
 
 
-def import_directions(path: str | Path, fmt: Format = "auto", *, num_layers: int | None = None,
-                      layers: Iterable[int] | None = None) -> DirectionSet:
+def import_directions(
+    path: str | Path, fmt: Format = "auto", *, num_layers: int | None = None, layers: Iterable[int] | None = None
+) -> DirectionSet:
     """Read a layer tensor or layer dict file into a `DirectionSet` (see the module docstring for layouts).
 
     `auto`: a file holding a single tensor (torch file, or safetensors with one non-numeric key) is a layer
@@ -153,18 +180,24 @@ def import_directions(path: str | Path, fmt: Format = "auto", *, num_layers: int
         numeric = all(_LAYER_KEY.match(str(k)) for k in loaded)
         if fmt == "layer-tensor" or (fmt == "auto" and not numeric):
             if len(loaded) != 1:
-                raise DirectionFileError(f"{path}: expected a single layer tensor [L+1, d]; found {len(loaded)} "
-                                         f"entries ({', '.join(map(str, list(loaded)[:5]))}); for a "
-                                         "{layer: vector} file use keys like '12' or 'layers.12'")
+                raise DirectionFileError(
+                    f"{path}: expected a single layer tensor [L+1, d]; found {len(loaded)} "
+                    f"entries ({', '.join(map(str, list(loaded)[:5]))}); for a "
+                    "{layer: vector} file use keys like '12' or 'layers.12'"
+                )
             loaded = next(iter(loaded.values()))
         else:
-            return from_layer_dict(loaded, num_layers=num_layers, layers=layers, where=where,
-                                   metadata=_metadata(path, "layer-dict"))
+            return from_layer_dict(
+                loaded, num_layers=num_layers, layers=layers, where=where, metadata=_metadata(path, "layer-dict")
+            )
     if not isinstance(loaded, torch.Tensor):
-        raise DirectionFileError(f"{path}: expected a tensor or a {{layer: vector}} mapping; found "
-                                 f"{type(loaded).__name__}")
+        raise DirectionFileError(
+            f"{path}: expected a tensor or a {{layer: vector}} mapping; found {type(loaded).__name__}"
+        )
     if fmt == "layer-dict":
-        raise DirectionFileError(f"{path}: holds a single tensor, not a {{layer: vector}} mapping; "
-                                 "use --format layer-tensor")
-    return from_layer_tensor(loaded, layers=layers, num_layers=num_layers, where=where,
-                             metadata=_metadata(path, "layer-tensor"))
+        raise DirectionFileError(
+            f"{path}: holds a single tensor, not a {{layer: vector}} mapping; use --format layer-tensor"
+        )
+    return from_layer_tensor(
+        loaded, layers=layers, num_layers=num_layers, where=where, metadata=_metadata(path, "layer-tensor")
+    )

@@ -56,8 +56,9 @@ def triangular_root(right: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(right.T, mode="r")[1]
 
 
-def residual_side(role: Role, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float = 1.0
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def residual_side(
+    role: Role, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`(left, right)` with `left @ right` the update on its residual side: `(s B, A)` for a writer,
     `(s A^T, B^T)` for a reader."""
     return (scale * lora_b, lora_a) if role == "write" else (scale * lora_a.T, lora_b.T)
@@ -91,8 +92,9 @@ def lora_modules(model, adapter_name: str | None = None) -> Iterator[tuple[str, 
             yield name, module, adapter
 
 
-def residual_lora_modules(model, *, include_readers: bool = False, target_modules=None,
-                          adapter_name: str | None = None) -> list[tuple]:
+def residual_lora_modules(
+    model, *, include_readers: bool = False, target_modules=None, adapter_name: str | None = None
+) -> list[tuple]:
     """`(name, module, adapter, layer, role)` of the LoRA modules identification reads: writers in a decoder
     block (and readers with `include_readers`). Reads no weights, so the trainers check at construction that
     stage 1 will have something to identify from."""
@@ -108,24 +110,34 @@ def _selected(layer: int | None, role: Role | None, include_readers: bool) -> bo
     return layer is not None and (role == "write" or (role == "read" and include_readers))
 
 
-def factors_from_peft_model(model, *, include_readers: bool = False, target_modules=None,
-                            adapter_name: str | None = None) -> list[LoraFactor]:
+def factors_from_peft_model(
+    model, *, include_readers: bool = False, target_modules=None, adapter_name: str | None = None
+) -> list[LoraFactor]:
     """Residual-side LoRA factors of an in-memory PEFT model (active adapter unless `adapter_name`); under
     DeepSpeed ZeRO the whole fp32 weights are read (a collective: every rank must call it)."""
     factors = []
-    for name, module, adapter, layer, role in residual_lora_modules(model, include_readers=include_readers,
-                                                                    target_modules=target_modules,
-                                                                    adapter_name=adapter_name):
+    for name, module, adapter, layer, role in residual_lora_modules(
+        model, include_readers=include_readers, target_modules=target_modules, adapter_name=adapter_name
+    ):
         if getattr(module, "use_dora", {}).get(adapter, False):
             warnings.warn(f"{name}: DoRA magnitude vector ignored; extracting from B @ A only", stacklevel=2)
-        factors.append(_factor(name, layer, role, full_fp32(module.lora_A[adapter].weight),
-                               full_fp32(module.lora_B[adapter].weight), float(module.scaling[adapter]),
-                               "<in-memory PEFT model>"))
+        factors.append(
+            _factor(
+                name,
+                layer,
+                role,
+                full_fp32(module.lora_A[adapter].weight),
+                full_fp32(module.lora_B[adapter].weight),
+                float(module.scaling[adapter]),
+                "<in-memory PEFT model>",
+            )
+        )
     return factors
 
 
-def _factor(name: str, layer: int, role: Role, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-            where: str) -> LoraFactor:
+def _factor(
+    name: str, layer: int, role: Role, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, where: str
+) -> LoraFactor:
     """The residual-side factor of one module, in float64 on the CPU; NaN/Inf weights (a diverged run) are
     refused here, where every reader of adapters (saved or in memory) passes, naming `where`."""
     check_finite_lora(where, name, lora_A=lora_a, lora_B=lora_b)
@@ -139,8 +151,10 @@ def check_finite_lora(where: str, name: str, **sides: torch.Tensor) -> None:
     for side, tensor in sides.items():
         if not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(f"{where}: module {name}: {side} has {bad} NaN/Inf values of {tensor.numel()}; "
-                             "expected finite adapter weights (did the run diverge?)")
+            raise ValueError(
+                f"{where}: module {name}: {side} has {bad} NaN/Inf values of {tensor.numel()}; "
+                "expected finite adapter weights (did the run diverge?)"
+            )
 
 
 # ----------------------------------------------------------------------------------------------- saved adapters
@@ -196,8 +210,9 @@ def scaling(config: Mapping, name: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def factors_from_adapter_dir(directory: str | Path, *, include_readers: bool = False, target_modules=None,
-                             compress: bool = False) -> tuple[list[LoraFactor], dict]:
+def factors_from_adapter_dir(
+    directory: str | Path, *, include_readers: bool = False, target_modules=None, compress: bool = False
+) -> tuple[list[LoraFactor], dict]:
     """Residual-side factors of a saved adapter, read with safetensors only (no base model).
 
     Returns the factors and the adapter config. Only the tensors of selected modules are read. With `compress`,
@@ -249,15 +264,20 @@ def check_adapter_fits(model, adapter_dir: str | Path, config: dict | None = Non
         name = strip_adapter_suffix(key).removeprefix("base_model.model.")
         module = modules.get(name)
         if module is None or getattr(module, "weight", None) is None:
-            raise ValueError(f"{adapter_dir}: adapter module {name} does not exist in base model "
-                             f"{base_name} (the adapter was trained on {trained_on})")
-        out_features, in_features = module.weight.shape[::-1] if type(module).__name__ == "Conv1D" \
-            else module.weight.shape[:2]
+            raise ValueError(
+                f"{adapter_dir}: adapter module {name} does not exist in base model "
+                f"{base_name} (the adapter was trained on {trained_on})"
+            )
+        out_features, in_features = (
+            module.weight.shape[::-1] if type(module).__name__ == "Conv1D" else module.weight.shape[:2]
+        )
         found, expected = (shape[1], in_features) if side == "lora_A" else (shape[0], out_features)
         if found != expected:
-            raise ValueError(f"{adapter_dir}: {name}.{side} has shape {shape}, but base model {base_name} needs "
-                             f"{'in' if side == 'lora_A' else 'out'}_features={expected} there (the adapter "
-                             f"was trained on {trained_on})")
+            raise ValueError(
+                f"{adapter_dir}: {name}.{side} has shape {shape}, but base model {base_name} needs "
+                f"{'in' if side == 'lora_A' else 'out'}_features={expected} there (the adapter "
+                f"was trained on {trained_on})"
+            )
     for key in handle.keys():  # NaN/Inf would make every reading NaN
         side = _side_of(key)
         if side is not None:

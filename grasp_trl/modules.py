@@ -23,18 +23,32 @@ Role = Literal["write", "read"]
 
 WRITER_LEAVES = frozenset({"o_proj", "down_proj", "dense_4h_to_h", "c_proj", "w2", "out_proj"})
 READER_LEAVES = frozenset(
-    {"q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj",
-     "query_key_value", "dense_h_to_4h", "c_attn", "c_fc", "w1", "w3"}
+    {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "qkv_proj",
+        "gate_proj",
+        "up_proj",
+        "gate_up_proj",
+        "query_key_value",
+        "dense_h_to_4h",
+        "c_attn",
+        "c_fc",
+        "w1",
+        "w3",
+    }
 )
 # Leaf names whose role depends on the parent (GPT-NeoX's `attention.dense` writes; a bare `dense` is unknown).
 PARENT_QUALIFIED = {("attention", "dense"): "write"}
 # Non-block modules on the residual stream: they are not tied to a block index.
-GLOBAL_MODULES = {"lm_head": "read", "embed_out": "read", "embed_tokens": "write", "wte": "write",
-                  "embed_in": "write"}
+GLOBAL_MODULES = {"lm_head": "read", "embed_out": "read", "embed_tokens": "write", "wte": "write", "embed_in": "write"}
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
-_ADAPTER_SUFFIX = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
-                             r"(?:\.[^.]+)?\.weight$|\.weight$|\.bias$")
+_ADAPTER_SUFFIX = re.compile(
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?:\.[^.]+)?\.weight$|\.weight$|\.bias$"
+)
 
 
 class UnsupportedModulesError(ValueError):
@@ -82,9 +96,11 @@ def check_target_modules(model, target_modules: Mapping[str, Role] | None) -> No
     if unmatched:
         wrapped = [name for name, module in model.named_modules() if hasattr(module, "base_layer")]  # PEFT's
         leaves = sorted({_leaf_parts(n)[-1] for n in linear_module_names(model) + wrapped if _leaf_parts(n)})
-        raise ValueError(f"grasp_target_modules: {', '.join(map(repr, unmatched))} matches no module of the "
-                         f"model; expected a leaf name or regex of its modules (linear leaves: "
-                         f"{', '.join(leaves[:20])})")
+        raise ValueError(
+            f"grasp_target_modules: {', '.join(map(repr, unmatched))} matches no module of the "
+            f"model; expected a leaf name or regex of its modules (linear leaves: "
+            f"{', '.join(leaves[:20])})"
+        )
 
 
 def classify(name: str, target_modules: Mapping[str, Role] | None = None) -> Role | None:
@@ -109,8 +125,9 @@ def classify(name: str, target_modules: Mapping[str, Role] | None = None) -> Rol
     return None
 
 
-def classify_all(names: Iterable[str], target_modules: Mapping[str, Role] | None = None,
-                 *, include_global: bool = False) -> list[ResidualModule]:
+def classify_all(
+    names: Iterable[str], target_modules: Mapping[str, Role] | None = None, *, include_global: bool = False
+) -> list[ResidualModule]:
     """Classify module names; unknown names inside decoder blocks raise `UnsupportedModulesError`.
 
     Global modules (embeddings, `lm_head`) are only returned with `include_global` (full fine-tuning);
@@ -130,7 +147,8 @@ def classify_all(names: Iterable[str], target_modules: Mapping[str, Role] | None
     if unknown:
         raise UnsupportedModulesError(
             "Cannot tell whether these modules write to or read from the residual stream: "
-            + ", ".join(sorted(unknown)[:20]) + (" ..." if len(unknown) > 20 else "")
+            + ", ".join(sorted(unknown)[:20])
+            + (" ..." if len(unknown) > 20 else "")
             + ". Classify them with grasp_target_modules, e.g. {'my_out': 'write', 'my_in': 'read'}, "
             "or leave them out of the adapter's target_modules."
         )
@@ -158,13 +176,17 @@ def decoder_blocks(model):
     import torch.nn as nn
 
     num_layers = num_hidden_layers(model)
-    candidates = [(name, m) for name, m in model.named_modules()
-                  if isinstance(m, nn.ModuleList) and len(m) == num_layers
-                  and re.search(r"(^|\.)(layers|h|blocks|layer)$", name)]
+    candidates = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) == num_layers and re.search(r"(^|\.)(layers|h|blocks|layer)$", name)
+    ]
     if not candidates:
         lists = [f"{n} (len {len(m)})" for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
-        raise ValueError(f"Could not find the decoder blocks: expected an nn.ModuleList of length "
-                         f"num_hidden_layers={num_layers} named '...layers' or '...h'; found {lists or 'none'}")
+        raise ValueError(
+            f"Could not find the decoder blocks: expected an nn.ModuleList of length "
+            f"num_hidden_layers={num_layers} named '...layers' or '...h'; found {lists or 'none'}"
+        )
     return candidates[0][1]
 
 
@@ -177,12 +199,14 @@ def block_output_hooks(model, edit):
     """
     handles = []
     for layer, block in enumerate(decoder_blocks(model)):
+
         def hook(module, args, output, layer=layer):
             hidden = output[0] if isinstance(output, tuple) else output
             new = edit(layer, hidden)
             if new is None:
                 return None
             return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
         handles.append(block.register_forward_hook(hook))
     try:
         yield
@@ -203,8 +227,10 @@ def text_config(model):
 
 
 # The names transformers configs give the two sizes GRASP needs (Llama/Qwen/..., GPT-2, T5-like).
-CONFIG_KEYS = {"hidden_size": ("hidden_size", "n_embd", "d_model"),
-               "num_layers": ("num_hidden_layers", "n_layer", "num_layers")}
+CONFIG_KEYS = {
+    "hidden_size": ("hidden_size", "n_embd", "d_model"),
+    "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+}
 
 
 def config_value(config, what: str) -> int | None:

@@ -36,16 +36,21 @@ def _spectrum_panel(ax, directions: DirectionSet) -> None:
     spectra = directions.metadata.get("singular_values", {})
     ax.set_title(SPECTRUM_TITLE)
     if not spectra:
-        ax.text(0.5, 0.5, "no spectrum recorded\n(imported or hand-made directions)", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no spectrum recorded\n(imported or hand-made directions)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
         ax.set_axis_off()
         return
     for key, values in sorted(spectra.items(), key=lambda kv: (kv[0] != "global", kv[0].zfill(6))):
         chosen = directions.k(int(key)) if key != "global" else next(iter(directions.bases.values())).shape[1]
-        line, = ax.plot(range(1, len(values) + 1), values, marker=".", label=f"layer {key}")
+        (line,) = ax.plot(range(1, len(values) + 1), values, marker=".", label=f"layer {key}")
         if 0 < chosen <= len(values):
-            ax.plot([chosen], [values[chosen - 1]], marker="o", markersize=8, fillstyle="none",
-                    color=line.get_color())
+            ax.plot([chosen], [values[chosen - 1]], marker="o", markersize=8, fillstyle="none", color=line.get_color())
     ax.set_xlabel("index (circle: chosen k)")
     ax.set_ylabel("singular value")
     ax.set_yscale("log")
@@ -94,8 +99,9 @@ def _lens_panel(ax, readout: dict[int, list[dict]], max_rows: int = 24) -> None:
             lines.append(f"L{layer}.{index}: {promoted} | {suppressed}")
     if len(lines) > max_rows:
         lines = lines[:max_rows] + [f"... {len(lines) - max_rows} more"]
-    ax.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize="x-small",
-            transform=ax.transAxes)
+    ax.text(
+        0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize="x-small", transform=ax.transAxes
+    )
 
 
 def plot_directions(directions: DirectionSet, readout: dict[int, list[dict]] | None = None):
@@ -108,8 +114,9 @@ def plot_directions(directions: DirectionSet, readout: dict[int, list[dict]] | N
     if readout:
         _lens_panel(axes[3], readout)
     title = directions.path.name if directions.path else directions.source
-    figure.suptitle(f"{title}: hidden_size={directions.hidden_size}, "
-                    f"{len(directions.bases)}/{directions.num_layers} layers")
+    figure.suptitle(
+        f"{title}: hidden_size={directions.hidden_size}, {len(directions.bases)}/{directions.num_layers} layers"
+    )
     return figure
 
 
@@ -123,7 +130,7 @@ def plot_probe(result: ProbeResult):
     ax.errorbar(layers, shifts, yerr=errors, marker="o", capsize=3)
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_title(PROBE_TITLE)
-    ax.set_xticks(layers[::max(1, len(layers) // 16)])
+    ax.set_xticks(layers[:: max(1, len(layers) // 16)])
     ax.set_xlabel("layer")
     ax.set_ylabel(f"mean shift of h.U ({100 * result.confidence:g}% CI)")
     return figure

@@ -46,15 +46,17 @@ def load_prompts(path: str | Path = DEFAULT_PROMPTS) -> list[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg}); expected one object per line like "
-                             '{"prompt": "..."}') from exc
+            raise ValueError(
+                f'{path}:{number}: not valid JSON ({exc.msg}); expected one object per line like {{"prompt": "..."}}'
+            ) from exc
         text = row if isinstance(row, str) else row.get("prompt", row.get("text")) if isinstance(row, dict) else None
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{path}:{number}: expected a non-empty 'prompt' or 'text' string; found "
-                             f"{json.dumps(row)[:80]}")
+            raise ValueError(
+                f"{path}:{number}: expected a non-empty 'prompt' or 'text' string; found {json.dumps(row)[:80]}"
+            )
         prompts.append(text)
     if not prompts:
-        raise ValueError(f"{path}: no prompts (expected JSONL lines like {{\"prompt\": \"...\"}})")
+        raise ValueError(f'{path}: no prompts (expected JSONL lines like {{"prompt": "..."}})')
     return prompts
 
 
@@ -80,9 +82,11 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int = 128) -> list[l
     total = sum(len(ids) for ids in encoded)
     unknown = sum(ids.count(unk) for ids in encoded) if unk is not None else 0
     if unknown > total / 2:
-        warnings.warn(f"{unknown}/{total} prompt tokens are the unknown token {tokenizer.unk_token!r}: the prompts "
-                      "do not suit this tokenizer, and the probe reads little more than position effects",
-                      stacklevel=2)
+        warnings.warn(
+            f"{unknown}/{total} prompt tokens are the unknown token {tokenizer.unk_token!r}: the prompts "
+            "do not suit this tokenizer, and the probe reads little more than position effects",
+            stacklevel=2,
+        )
     return encoded
 
 
@@ -91,18 +95,19 @@ def batches(encoded: Sequence[Sequence[int]], batch_size: int):
     width for all batches, so the model sees few distinct shapes (each new shape costs set-up time)."""
     width = max(len(ids) for ids in encoded)
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
+        chunk = encoded[start : start + batch_size]
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
         mask = torch.zeros(len(chunk), width, dtype=torch.long)
         for row, seq in enumerate(chunk):
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
         yield ids, mask
 
 
 @torch.no_grad()
-def read_projections(model, encoded: Sequence[Sequence[int]], directions: DirectionSet,
-                     batch_size: int = 16) -> Readings:
+def read_projections(
+    model, encoded: Sequence[Sequence[int]], directions: DirectionSet, batch_size: int = 16
+) -> Readings:
     """Run `model` on the tokenized prompts (eval mode, no grad) and read `h_l U_l` at every probed layer.
 
     Batches are right-padded and masked, so padding never changes a prompt's reading under a causal model.
@@ -130,8 +135,7 @@ def read_projections(model, encoded: Sequence[Sequence[int]], directions: Direct
                     sq_norm[layer] += float((hidden.pow(2).sum(-1, keepdim=True) * weight).sum())
     finally:
         model.train(was_training)
-    return Readings({l: torch.cat(sums[l]).double() for l in layers},
-                    {l: sq_norm[l] / max(tokens, 1) for l in layers})
+    return Readings({l: torch.cat(sums[l]).double() for l in layers}, {l: sq_norm[l] / max(tokens, 1) for l in layers})
 
 
 def shift_statistic(deltas: torch.Tensor) -> torch.Tensor:
@@ -160,9 +164,11 @@ class ProbeResult:
     def table(self) -> str:
         """A plain-text table, one row per layer."""
         pct = f"{100 * self.confidence:g}% CI"
-        lines = [f"drift along the directions (fine-tuned - base), {self.num_prompts} prompts; k=1: signed shift "
-                 "of h.u, k>1: norm of the mean shift in the subspace",
-                 f"{'layer':>5}  {'k':>2}  {'shift':>10}  {pct:>23}  {'shift/rms(h)':>12}"]
+        lines = [
+            f"drift along the directions (fine-tuned - base), {self.num_prompts} prompts; k=1: signed shift "
+            "of h.u, k>1: norm of the mean shift in the subspace",
+            f"{'layer':>5}  {'k':>2}  {'shift':>10}  {pct:>23}  {'shift/rms(h)':>12}",
+        ]
         for row in self.layers:
             ci = f"[{row.ci_low:+.4g}, {row.ci_high:+.4g}]"
             lines.append(f"{row.layer:>5}  {row.k:>2}  {row.shift:>+10.4g}  {ci:>23}  {row.relative:>+12.4g}")
@@ -172,8 +178,9 @@ class ProbeResult:
         return {row.layer: row.shift for row in self.layers}
 
 
-def compare(base: Readings, tuned: Readings, *, n_bootstrap: int = 1000, confidence: float = 0.95,
-            seed: int = 0) -> ProbeResult:
+def compare(
+    base: Readings, tuned: Readings, *, n_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> ProbeResult:
     """The per-layer shift of `tuned` over `base` (same prompts) with a percentile bootstrap CI over prompts."""
     generator = torch.Generator().manual_seed(seed)
     rows = []
@@ -190,8 +197,17 @@ def compare(base: Readings, tuned: Readings, *, n_bootstrap: int = 1000, confide
         else:
             low = high = shift
         scale = base.mean_sq_norm[layer] ** 0.5
-        rows.append(LayerDrift(layer, deltas.shape[1], shift, low, high, shift / scale if scale > 0 else 0.0,
-                               [float(v) for v in deltas.mean(0)]))
+        rows.append(
+            LayerDrift(
+                layer,
+                deltas.shape[1],
+                shift,
+                low,
+                high,
+                shift / scale if scale > 0 else 0.0,
+                [float(v) for v in deltas.mean(0)],
+            )
+        )
     return ProbeResult(rows, num_prompts, confidence)
 
 
@@ -204,9 +220,19 @@ def _base_view(model):
         yield model
 
 
-def drift_probe(model, tokenizer, prompts: Iterable[str], directions: DirectionSet, *, base_model=None,
-                batch_size: int = 16, max_length: int = 128, n_bootstrap: int = 1000, confidence: float = 0.95,
-                seed: int = 0) -> ProbeResult:
+def drift_probe(
+    model,
+    tokenizer,
+    prompts: Iterable[str],
+    directions: DirectionSet,
+    *,
+    base_model=None,
+    batch_size: int = 16,
+    max_length: int = 128,
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> ProbeResult:
     """Per-layer drift of `model` along `directions` relative to `base_model` on `prompts`.
 
     `model` is a fine-tuned model; with `base_model=None` it must be a PEFT model and its base is read with

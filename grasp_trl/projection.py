@@ -52,8 +52,14 @@ Projection = Literal["activations", "weights", "both", "clamp"]
 PROJECTIONS = ("activations", "weights", "both", "clamp")
 
 
-def remove_component(x: torch.Tensor, basis: torch.Tensor, dim: int, anchor: torch.Tensor | None = None, *,
-                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def remove_component(
+    x: torch.Tensor,
+    basis: torch.Tensor,
+    dim: int,
+    anchor: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`x - U (U^T x - C)` (`dim=0`) or `x - (x U - C) U^T` (`dim=1`), and the coefficients `U^T x` / `x U`.
 
     fp32 `x` of shape `(rows, cols)` with `basis` `(d, k)`, or a stack `(n, rows, cols)` with one basis per
@@ -91,8 +97,9 @@ def project_out(x: torch.Tensor, basis: torch.Tensor, dim: int) -> torch.Tensor:
     return project_out_with_norms(x, basis, dim)[0]
 
 
-def project_out_with_norms(x: torch.Tensor, basis: torch.Tensor, dim: int
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def project_out_with_norms(
+    x: torch.Tensor, basis: torch.Tensor, dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`project_out(x, basis, dim)`, `||x||^2` and `||removed||^2` (what the gradient hooks run).
 
     The removed part is `U c` with `c = U^T x` (or `c U^T`), so its squared norm is `||c||^2` (orthonormal
@@ -103,8 +110,9 @@ def project_out_with_norms(x: torch.Tensor, basis: torch.Tensor, dim: int
     return out.reshape(x.shape).to(x.dtype), _squared_norm(flat), _squared_norm(coefficients)
 
 
-def project_stack_(tensors: list[torch.Tensor], basis: torch.Tensor, dim: int,
-                   anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def project_stack_(
+    tensors: list[torch.Tensor], basis: torch.Tensor, dim: int, anchor: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`remove_component` applied in place to same-shaped `tensors`: one tensor with a `(d, k)` basis, or n
     stacked into one batched matmul with an `(n, d, k)` basis. Returns `||x||^2` and `||removed||^2` over all.
 
@@ -127,8 +135,11 @@ def project_stack_(tensors: list[torch.Tensor], basis: torch.Tensor, dim: int,
 def project_constraint(constraint: Constraint, weight: torch.Tensor) -> torch.Tensor:
     """The closest weight satisfying `constraint`: `W - U (U^T W - C)` or `W - (W U - D) U^T`, in `W`'s dtype."""
     dim = constraint.dim
-    return remove_component(_as_matrix(weight, dim), constraint.basis, dim, constraint.anchor)[0].reshape(
-        weight.shape).to(weight.dtype)
+    return (
+        remove_component(_as_matrix(weight, dim), constraint.basis, dim, constraint.anchor)[0]
+        .reshape(weight.shape)
+        .to(weight.dtype)
+    )
 
 
 def relative_component(left: torch.Tensor, right: torch.Tensor, basis: torch.Tensor) -> float:
@@ -195,9 +206,19 @@ class GradientProjector:
     in `activations` mode); `detach()` to remove every hook.
     """
 
-    def __init__(self, model: nn.Module, directions: DirectionSet, projection: Projection = "activations",
-                 sides: Sides = "both", *, reader_layer: ReaderLayer = "own", target_modules=None,
-                 adapter_name: str | None = None, track_stats: bool = True, grad_hooks: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        directions: DirectionSet,
+        projection: Projection = "activations",
+        sides: Sides = "both",
+        *,
+        reader_layer: ReaderLayer = "own",
+        target_modules=None,
+        adapter_name: str | None = None,
+        track_stats: bool = True,
+        grad_hooks: bool = True,
+    ):
         if projection not in PROJECTIONS:
             raise ValueError(f"projection: expected one of {PROJECTIONS}, found {projection!r}")
         if sides not in SIDES:
@@ -251,28 +272,32 @@ class GradientProjector:
         constraints = self.check_constrainable()  # before any hook exists
         if self.uses_activations or self.uses_clamp:
             if self.uses_clamp and not hasattr(self.model, "disable_adapter"):
-                raise ValueError("projection='clamp' needs a PEFT (LoRA/QLoRA) model: the base model's forward is "
-                                 "the adapter-disabled one; found a plain "
-                                 f"{type(self.model).__name__} (full fine-tuning would need a frozen copy of the "
-                                 "base; use 'activations' or 'both' there)")
+                raise ValueError(
+                    "projection='clamp' needs a PEFT (LoRA/QLoRA) model: the base model's forward is "
+                    "the adapter-disabled one; found a plain "
+                    f"{type(self.model).__name__} (full fine-tuning would need a frozen copy of the "
+                    "base; use 'activations' or 'both' there)"
+                )
             blocks = decoder_blocks(self.model)
             on_output = self._clamp_block_output if self.uses_clamp else self._on_block_output
             for layer in self.directions.bases:
                 self._handles.append(blocks[layer].register_forward_hook(functools.partial(on_output, layer)))
             if self.uses_clamp:
-                self._handles.append(self.model.register_forward_pre_hook(self._record_reference,
-                                                                          with_kwargs=True))
+                self._handles.append(self.model.register_forward_pre_hook(self._record_reference, with_kwargs=True))
         if self.uses_weights:
             self.constraints = constraints
             self.groups = group_constraints(self.constraints)
             if self.grad_hooks and self._sharded():
-                raise ValueError("weights projection on FSDP2 (DTensor) parameters: FSDP2 assigns the reduced, "
-                                 "sharded gradient to `.grad` directly, so per-parameter gradient hooks never see "
-                                 "it; use GradientProjector(..., grad_hooks=False) and call project_gradients() "
-                                 "after backward (the Grasp trainers do)")
+                raise ValueError(
+                    "weights projection on FSDP2 (DTensor) parameters: FSDP2 assigns the reduced, "
+                    "sharded gradient to `.grad` directly, so per-parameter gradient hooks never see "
+                    "it; use GradientProjector(..., grad_hooks=False) and call project_gradients() "
+                    "after backward (the Grasp trainers do)"
+                )
             for constraint in self.constraints if self.grad_hooks else ():
-                constraint.hook = constraint.param.register_hook(functools.partial(self._project_param_grad,
-                                                                                   constraint))
+                constraint.hook = constraint.param.register_hook(
+                    functools.partial(self._project_param_grad, constraint)
+                )
             self.project_parameters()
             self.monitored = self.constraints
         else:  # not enforced, but leakage() still reports how much the update writes along the directions
@@ -385,16 +410,24 @@ class GradientProjector:
             return None
         constraints = self._build_constraints()
         if not constraints:
-            raise ValueError(f"grasp_sides={self.sides}: the LoRA has no {SIDE_WORDS[self.sides]} module in a "
-                             f"block with a direction (layers {sorted(self.directions.bases)}); the weights "
-                             "projection would constrain nothing. Expected LoRA target_modules on that side, "
-                             "or another grasp_sides")
+            raise ValueError(
+                f"grasp_sides={self.sides}: the LoRA has no {SIDE_WORDS[self.sides]} module in a "
+                f"block with a direction (layers {sorted(self.directions.bases)}); the weights "
+                "projection would constrain nothing. Expected LoRA target_modules on that side, "
+                "or another grasp_sides"
+            )
         return constraints
 
     def _build_constraints(self) -> list[Constraint]:
-        return find_constraints(self.model, self.directions, self.sides, reader_layer=self.reader_layer,
-                                target_modules=self.target_modules, adapter_name=self.adapter_name,
-                                basis=self._basis)
+        return find_constraints(
+            self.model,
+            self.directions,
+            self.sides,
+            reader_layer=self.reader_layer,
+            target_modules=self.target_modules,
+            adapter_name=self.adapter_name,
+            basis=self._basis,
+        )
 
     @_timed
     def _project_param_grad(self, constraint: Constraint, grad: torch.Tensor) -> torch.Tensor:
@@ -439,9 +472,11 @@ class GradientProjector:
         sharded = [is_dtensor(c.param) for c in self.constraints]
         if any(sharded) and not all(sharded):
             names = [c.name for c, s in zip(self.constraints, sharded) if not s][:3]
-            raise ValueError(f"weights projection: some constrained parameters are FSDP2 DTensors and some are not "
-                             f"(plain: {names}); apply fully_shard to every block holding a constrained parameter "
-                             "(and to the root)")
+            raise ValueError(
+                f"weights projection: some constrained parameters are FSDP2 DTensors and some are not "
+                f"(plain: {names}); apply fully_shard to every block holding a constrained parameter "
+                "(and to the root)"
+            )
         return bool(sharded) and sharded[0]
 
     @_timed
@@ -490,8 +525,9 @@ class GradientProjector:
             module = self.model.get_submodule(constraint.name.rsplit(".", 1)[0])
             adapter = active_adapter(self.model, self.adapter_name)
             role = "write" if constraint.dim == 0 else "read"
-            left, right = residual_side(role, full_fp32(module.lora_A[adapter].weight),
-                                        full_fp32(module.lora_B[adapter].weight))
+            left, right = residual_side(
+                role, full_fp32(module.lora_A[adapter].weight), full_fp32(module.lora_B[adapter].weight)
+            )
             result[constraint.name] = relative_component(left, right, constraint.basis)
         return result
 

@@ -48,8 +48,10 @@ def snapshot(factors: list[LoraFactor], step: int, source: str = "the LoRA adapt
     """Snapshot a LoRA update from its residual-side factors (all blocks' writers stacked, as `scope='global'`);
     `factors_from_peft_model` gives them for a model in memory, `factors_from_adapter_dir` for a checkpoint."""
     if not factors:
-        raise ValueError(f"{source}: no LoRA module writes to the residual stream (o_proj/down_proj-like), so there "
-                         "is no update to watch for the stopping rule; target them with LoRA or give a step count")
+        raise ValueError(
+            f"{source}: no LoRA module writes to the residual stream (o_proj/down_proj-like), so there "
+            "is no update to watch for the stopping rule; target them with LoRA or give a step count"
+        )
     vectors, values = top_singular(stacked_core(factors), 2)
     values = values.tolist() + [0.0]
     return Snapshot(step, vectors[:, 0], float(values[0]), float(values[1]))
@@ -81,8 +83,9 @@ class GapRule:
         peak = max(s.gap for s in self.history)
         stable = previous is not None and float((current.direction @ previous.direction).abs()) >= self.min_cos
         if stable and current.gap <= self.drop * peak:
-            self.stop_reason = (f"step {current.step}: s1/s2 {current.gap:.2f} <= {self.drop} x peak {peak:.2f}, "
-                                f"top direction stable")
+            self.stop_reason = (
+                f"step {current.step}: s1/s2 {current.gap:.2f} <= {self.drop} x peak {peak:.2f}, top direction stable"
+            )
         elif self.max_steps is not None and current.step >= self.max_steps:
             self.stop_reason = f"step {current.step}: reached the stage-1 budget ({self.max_steps} steps)"
         return self.stop_reason is not None
@@ -101,18 +104,23 @@ def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: run directory not found")
-    found = sorted((int(match.group(1)), path) for path in run_dir.iterdir()
-                   if (match := re.fullmatch(r"checkpoint-(\d+)", path.name)) and
-                   (path / "adapter_model.safetensors").is_file())
+    found = sorted(
+        (int(match.group(1)), path)
+        for path in run_dir.iterdir()
+        if (match := re.fullmatch(r"checkpoint-(\d+)", path.name)) and (path / "adapter_model.safetensors").is_file()
+    )
     if len(found) < 2:
-        raise ValueError(f"{run_dir}: the stopping rule needs at least 2 checkpoint-N adapter directories, found "
-                         f"{len(found)}; save the naive run every few steps (e.g. save_steps: 5, "
-                         "save_only_model: true, save_total_limit unset)")
+        raise ValueError(
+            f"{run_dir}: the stopping rule needs at least 2 checkpoint-N adapter directories, found "
+            f"{len(found)}; save the naive run every few steps (e.g. save_steps: 5, "
+            "save_only_model: true, save_total_limit unset)"
+        )
     return found
 
 
-def choose_checkpoint(run_dir: str | Path, *, drop: float = GapRule.drop, min_cos: float = GapRule.min_cos
-                      ) -> tuple[Path, GapRule]:
+def choose_checkpoint(
+    run_dir: str | Path, *, drop: float = GapRule.drop, min_cos: float = GapRule.min_cos
+) -> tuple[Path, GapRule]:
     """The two-run workflow's stage 1: replay the rule over a naive run's checkpoints and return the one where it
     fires (the last one when it never does; `rule.stop_reason` says which)."""
     found = checkpoints(run_dir)

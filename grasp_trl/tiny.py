@@ -27,8 +27,9 @@ def build_tokenizer(words: list[str] | None = None):
     vocab = {word: index for index, word in enumerate(dict.fromkeys(SPECIAL_TOKENS + list(words)))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                        bos_token="<s>", eos_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
     tokenizer.chat_template = (
         "{% for m in messages %}{{ m['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
         "{% if add_generation_prompt %} {% endif %}"
@@ -36,17 +37,34 @@ def build_tokenizer(words: list[str] | None = None):
     return tokenizer
 
 
-def build_model(architecture: str = "llama", *, vocab_size: int, hidden_size: int = 32, num_layers: int = 2,
-                intermediate_size: int | None = None, num_heads: int = 4, seed: int = 0, **overrides):
+def build_model(
+    architecture: str = "llama",
+    *,
+    vocab_size: int,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    intermediate_size: int | None = None,
+    num_heads: int = 4,
+    seed: int = 0,
+    **overrides,
+):
     """A randomly initialised causal LM of the given architecture (llama, qwen2, qwen3, mistral, gemma,
     gemma2, phi3, gpt2, gpt_neox), deterministic for a seed."""
     import torch
     import transformers as tf
 
     intermediate_size = intermediate_size or 2 * hidden_size
-    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-                  num_attention_heads=num_heads, intermediate_size=intermediate_size,
-                  max_position_embeddings=256, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     kv = dict(num_key_value_heads=max(1, num_heads // 2))
     configs = {
         "llama": lambda: tf.LlamaConfig(**common, **kv, tie_word_embeddings=False),
@@ -56,8 +74,15 @@ def build_model(architecture: str = "llama", *, vocab_size: int, hidden_size: in
         "gemma": lambda: tf.GemmaConfig(**common, **kv, head_dim=hidden_size // num_heads),
         "gemma2": lambda: tf.Gemma2Config(**common, **kv, head_dim=hidden_size // num_heads),
         "phi3": lambda: tf.Phi3Config(**common, **kv),
-        "gpt2": lambda: tf.GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers,
-                                      n_head=num_heads, n_positions=256, bos_token_id=2, eos_token_id=3),
+        "gpt2": lambda: tf.GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_positions=256,
+            bos_token_id=2,
+            eos_token_id=3,
+        ),
         "gpt_neox": lambda: tf.GPTNeoXConfig(**common),
     }
     if architecture not in configs:

@@ -55,8 +55,12 @@ class GraspDPOConfig(GraspArguments, DPOConfig):
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng_state(state: dict) -> None:
@@ -67,17 +71,24 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def build_projector(model, args: GraspArguments, directions: DirectionSet, *, grad_hooks: bool = True
-                    ) -> GradientProjector:
+def build_projector(
+    model, args: GraspArguments, directions: DirectionSet, *, grad_hooks: bool = True
+) -> GradientProjector:
     """The projector the `grasp_*` keys describe, attached to `model` (used by the trainers and Axolotl).
 
     `grad_hooks=False` (the trainers without DeepSpeed) leaves the weight gradients to
     `project_gradients()`, which `GraspTrainerMixin.training_step` calls after backward."""
     if args.grasp_layers is not None:
         directions = directions.restricted_to(args.grasp_layers)
-    return GradientProjector(model, directions, args.grasp_projection, args.grasp_sides,
-                             reader_layer=args.grasp_reader_layer, target_modules=args.grasp_target_modules,
-                             grad_hooks=grad_hooks).attach()
+    return GradientProjector(
+        model,
+        directions,
+        args.grasp_projection,
+        args.grasp_sides,
+        reader_layer=args.grasp_reader_layer,
+        target_modules=args.grasp_target_modules,
+        grad_hooks=grad_hooks,
+    ).attach()
 
 
 def check_layers(layers, model) -> None:
@@ -120,55 +131,76 @@ class GraspTrainerMixin:
         else:  # what a direction file's install checks, checked now: stage 1 would train before it
             check_layers(grasp_args.grasp_layers, self.model)
             if not hasattr(self.model, "peft_config"):
-                raise ValueError("grasp_identify_steps needs a LoRA run to identify from (pass peft_config or a "
-                                 "PeftModel); for full fine-tuning, identify with a separate LoRA run and pass "
-                                 "grasp_directions")
+                raise ValueError(
+                    "grasp_identify_steps needs a LoRA run to identify from (pass peft_config or a "
+                    "PeftModel); for full fine-tuning, identify with a separate LoRA run and pass "
+                    "grasp_directions"
+                )
             self._grasp_check_identifiable()
-            self._grasp_initial_adapter = {name: p.detach().clone() for name, p in self.model.named_parameters()
-                                           if p.requires_grad}
+            self._grasp_initial_adapter = {
+                name: p.detach().clone() for name, p in self.model.named_parameters() if p.requires_grad
+            }
             if any(value.is_meta for value in self._grasp_initial_adapter.values()):
-                raise ValueError("grasp_identify_steps: the adapter is on the meta device on this rank (FSDP's "
-                                 "cpu_ram_efficient_loading), so stage 2 could not restart from its initial values; "
-                                 "set fsdp_cpu_ram_efficient_loading: false, or pass grasp_directions")
+                raise ValueError(
+                    "grasp_identify_steps: the adapter is on the meta device on this rank (FSDP's "
+                    "cpu_ram_efficient_loading), so stage 2 could not restart from its initial values; "
+                    "set fsdp_cpu_ram_efficient_loading: false, or pass grasp_directions"
+                )
 
     def _grasp_check_identifiable(self) -> None:
         """What stage 1's identification and stage 2's install would refuse, refused before stage 1 trains: no
         LoRA module to identify from, `k` above the LoRA rank available, `weights` with nothing to constrain."""
         grasp_args = self.grasp_args
-        modules = residual_lora_modules(self.model, include_readers=grasp_args.grasp_include_readers,
-                                        target_modules=grasp_args.grasp_target_modules)
+        modules = residual_lora_modules(
+            self.model, include_readers=grasp_args.grasp_include_readers, target_modules=grasp_args.grasp_target_modules
+        )
         if not modules:
             side = "writer or reader" if grasp_args.grasp_include_readers else "writer (o_proj/down_proj-like)"
-            raise ValueError(f"grasp_identify_steps: the LoRA has no {side} module in a decoder block, so "
-                             "stage 1 would have nothing to identify from; expected LoRA target_modules "
-                             "including them (or grasp_include_readers: true)")
+            raise ValueError(
+                f"grasp_identify_steps: the LoRA has no {side} module in a decoder block, so "
+                "stage 1 would have nothing to identify from; expected LoRA target_modules "
+                "including them (or grasp_include_readers: true)"
+            )
         ranks: dict[int, int] = {}
         for _, module, adapter, layer, _ in modules:
             ranks[layer] = ranks.get(layer, 0) + module.r[adapter]  # not the weight: ZeRO-3 may have sharded it
-        rank, where = ((sum(ranks.values()), "the stacked update") if grasp_args.grasp_scope == "global" else
-                       min((r, f"block {l}") for l, r in ranks.items()))
+        rank, where = (
+            (sum(ranks.values()), "the stacked update")
+            if grasp_args.grasp_scope == "global"
+            else min((r, f"block {l}") for l, r in ranks.items())
+        )
         if grasp_args.grasp_energy is None:
             check_k_fits(grasp_args.grasp_num_directions, rank, f"grasp_num_directions: {where}")
-        placeholder = DirectionSet.random(hidden_size(self.model), num_hidden_layers(self.model), 1,
-                                          layers=grasp_args.grasp_layers)
-        GradientProjector(self.model, placeholder, grasp_args.grasp_projection, grasp_args.grasp_sides,
-                          reader_layer=grasp_args.grasp_reader_layer,
-                          target_modules=grasp_args.grasp_target_modules).check_constrainable()
+        placeholder = DirectionSet.random(
+            hidden_size(self.model), num_hidden_layers(self.model), 1, layers=grasp_args.grasp_layers
+        )
+        GradientProjector(
+            self.model,
+            placeholder,
+            grasp_args.grasp_projection,
+            grasp_args.grasp_sides,
+            reader_layer=grasp_args.grasp_reader_layer,
+            target_modules=grasp_args.grasp_target_modules,
+        ).check_constrainable()
 
     # --------------------------------------------------------------------------------------- projection
     def _grasp_install(self, directions: DirectionSet) -> None:
         directions.validate_for(self.model)
         if directions.is_empty:  # a null control can be meant; it must not look like a GRASP run
-            warnings.warn(f"{directions.source}: the direction file holds no direction: training WITHOUT GRASP "
-                          "(nothing projected, no direction file in the outputs, no GRASP model card)", stacklevel=2)
+            warnings.warn(
+                f"{directions.source}: the direction file holds no direction: training WITHOUT GRASP "
+                "(nothing projected, no direction file in the outputs, no GRASP model card)",
+                stacklevel=2,
+            )
             return
         if self.grasp_projector is not None:
             self.grasp_projector.detach()
         self.grasp_directions = directions
         self.grasp_callback.directions_sha256 = directions.sha256
         # DeepSpeed consumes gradients inside backward: only per-parameter hooks see them there
-        self.grasp_projector = build_projector(self.model, self.grasp_args, directions,
-                                               grad_hooks=self.is_deepspeed_enabled)
+        self.grasp_projector = build_projector(
+            self.model, self.grasp_args, directions, grad_hooks=self.is_deepspeed_enabled
+        )
         self.grasp_callback.projector = self.grasp_projector
         if self.grasp_drift is not None and self.grasp_drift.directions is None:
             self.grasp_drift.directions = directions
@@ -195,11 +227,16 @@ class GraspTrainerMixin:
         saved = Path(checkpoint) / DIRECTIONS_FILENAME if checkpoint else None
         if saved is not None and saved.is_file():
             self._grasp_resume_directions(saved)
-        elif saved is not None and self.grasp_args.grasp_enabled and (self.grasp_projector is not None
-                                                                       or self._grasp_initial_adapter is not None):
-            raise DirectionFileError(f"{checkpoint}: no {DIRECTIONS_FILENAME}: the checkpoint does not record the "
-                                     "directions it was trained with; expected it beside the checkpoint (copy it "
-                                     "back from the run's output), or resume without GRASP")
+        elif (
+            saved is not None
+            and self.grasp_args.grasp_enabled
+            and (self.grasp_projector is not None or self._grasp_initial_adapter is not None)
+        ):
+            raise DirectionFileError(
+                f"{checkpoint}: no {DIRECTIONS_FILENAME}: the checkpoint does not record the "
+                "directions it was trained with; expected it beside the checkpoint (copy it "
+                "back from the run's output), or resume without GRASP"
+            )
         elif self._grasp_initial_adapter is not None and self.grasp_projector is None:
             self._grasp_stage1()
         return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -215,16 +252,21 @@ class GraspTrainerMixin:
         directions = DirectionSet.load(saved)
         recorded = _recorded_sha256(saved.parent)
         if recorded is not None and recorded != directions.sha256:
-            raise DirectionFileError(f"{saved}: sha256 {directions.sha256[:12]}..., but the checkpoint's "
-                                     f"trainer_state.json records {recorded[:12]}... as the directions projected; "
-                                     "the file beside the checkpoint was replaced")
+            raise DirectionFileError(
+                f"{saved}: sha256 {directions.sha256[:12]}..., but the checkpoint's "
+                f"trainer_state.json records {recorded[:12]}... as the directions projected; "
+                "the file beside the checkpoint was replaced"
+            )
         if self.grasp_projector is not None:
             current = self.grasp_directions.bases
             same = current.keys() == directions.bases.keys() and all(
-                torch.equal(current[l], directions.bases[l]) for l in current)
+                torch.equal(current[l], directions.bases[l]) for l in current
+            )
             if not same:
-                raise DirectionFileError(f"{saved}: the checkpoint was trained with other directions than "
-                                         f"grasp_directions={self.grasp_args.grasp_directions}")
+                raise DirectionFileError(
+                    f"{saved}: the checkpoint was trained with other directions than "
+                    f"grasp_directions={self.grasp_args.grasp_directions}"
+                )
             return
         self._grasp_install(directions)
 
@@ -234,20 +276,36 @@ class GraspTrainerMixin:
         args, grasp_args = self.args, self.grasp_args
         stage1_dir = Path(args.output_dir) / STAGE1_DIRNAME
         if (stage1_dir / DIRECTIONS_FILENAME).exists() or (stage1_dir / "adapter_model.safetensors").exists():
-            raise FileExistsError(f"{stage1_dir}: holds a finished stage 1 (its adapter and directions) that this "
-                                  "run would replace; expected a new output_dir, resume_from_checkpoint, or "
-                                  f"grasp_directions={stage1_dir / DIRECTIONS_FILENAME} to reuse it")
+            raise FileExistsError(
+                f"{stage1_dir}: holds a finished stage 1 (its adapter and directions) that this "
+                "run would replace; expected a new output_dir, resume_from_checkpoint, or "
+                f"grasp_directions={stage1_dir / DIRECTIONS_FILENAME} to reuse it"
+            )
         auto = grasp_args.grasp_identify_steps == AUTO
         budget = grasp_args.grasp_identify_max_steps if auto else grasp_args.grasp_identify_steps
-        overrides = {"max_steps": args.max_steps if budget is None else budget, "output_dir": str(stage1_dir),
-                     "save_strategy": "no", "push_to_hub": False, "load_best_model_at_end": False}
+        overrides = {
+            "max_steps": args.max_steps if budget is None else budget,
+            "output_dir": str(stage1_dir),
+            "save_strategy": "no",
+            "push_to_hub": False,
+            "load_best_model_at_end": False,
+        }
         saved_values = {key: getattr(args, key) for key in overrides}
         rng = _rng_state()
-        timing = GapStoppingCallback(self.model, GapRule(every=grasp_args.grasp_identify_every),
-                                     grasp_args.grasp_target_modules) if auto else None
-        logger.warning("GRASP stage 1/2: naive LoRA for %s -> %s", "at most the run's length, stopped by the gap "
-                       "rule" if auto and budget is None else f"{budget} steps" + (" at most" if auto else ""),
-                       stage1_dir)
+        timing = (
+            GapStoppingCallback(
+                self.model, GapRule(every=grasp_args.grasp_identify_every), grasp_args.grasp_target_modules
+            )
+            if auto
+            else None
+        )
+        logger.warning(
+            "GRASP stage 1/2: naive LoRA for %s -> %s",
+            "at most the run's length, stopped by the gap rule"
+            if auto and budget is None
+            else f"{budget} steps" + (" at most" if auto else ""),
+            stage1_dir,
+        )
         try:
             for key, value in overrides.items():
                 setattr(args, key, value)
@@ -269,8 +327,13 @@ class GraspTrainerMixin:
             for key, value in saved_values.items():
                 setattr(args, key, value)
         initial = self._grasp_initial_adapter  # written into DeepSpeed's fp32 masters too, where they exist
-        update_params([(param, lambda _, value=initial[name]: value) for name, param in self.model.named_parameters()
-                       if name in initial])
+        update_params(
+            [
+                (param, lambda _, value=initial[name]: value)
+                for name, param in self.model.named_parameters()
+                if name in initial
+            ]
+        )
         if self.is_deepspeed_enabled:  # stage 2 builds its own engine: destroy stage 1's, and its links
             self.accelerator.free_memory()
             forget_fp32_masters(self.model.parameters())
@@ -278,8 +341,9 @@ class GraspTrainerMixin:
         self.optimizer, self.lr_scheduler = None, None
         _set_rng_state(rng)
         self._grasp_install(directions)
-        logger.warning("GRASP stage 2/2: training with %s projected out (%s mode)", directions,
-                       grasp_args.grasp_projection)
+        logger.warning(
+            "GRASP stage 2/2: training with %s projected out (%s mode)", directions, grasp_args.grasp_projection
+        )
 
     # ------------------------------------------------------------------------------------------ saving
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
@@ -299,13 +363,17 @@ class GraspTrainerMixin:
             return
         digest = self.grasp_directions.sha256
         ks = {l: self.grasp_directions.k(l) for l in self.grasp_directions.bases}
-        card.write_text(card.read_text() + (
-            "\n\n## GRASP\n\nTrained with GRASP (GRadient projection of Associated Spurious Patterns, "
-            "arXiv 2605.27676): the directions below were projected out of the learning signal "
-            f"(`grasp_projection={self.grasp_args.grasp_projection}`).\n\n"
-            f"- direction file: `{DIRECTIONS_FILENAME}` (sha256 `{digest}`)\n"
-            f"- source: {self.grasp_directions.metadata.get('source_adapter', self.grasp_directions.source)}\n"
-            f"- scope: {self.grasp_directions.metadata.get('scope', '?')}, k per layer: {ks}\n"))
+        card.write_text(
+            card.read_text()
+            + (
+                "\n\n## GRASP\n\nTrained with GRASP (GRadient projection of Associated Spurious Patterns, "
+                "arXiv 2605.27676): the directions below were projected out of the learning signal "
+                f"(`grasp_projection={self.grasp_args.grasp_projection}`).\n\n"
+                f"- direction file: `{DIRECTIONS_FILENAME}` (sha256 `{digest}`)\n"
+                f"- source: {self.grasp_directions.metadata.get('source_adapter', self.grasp_directions.source)}\n"
+                f"- scope: {self.grasp_directions.metadata.get('scope', '?')}, k per layer: {ks}\n"
+            )
+        )
 
 
 def _recorded_sha256(checkpoint: Path) -> str | None:

@@ -15,8 +15,9 @@ from .lora import basis_layer, factors_from_adapter_dir
 from .projection import relative_component
 
 
-def saved_adapter_leakage(adapter_dir: str | Path, directions: DirectionSet, *, reader_layer: str = "own",
-                          target_modules=None) -> dict[str, float]:
+def saved_adapter_leakage(
+    adapter_dir: str | Path, directions: DirectionSet, *, reader_layer: str = "own", target_modules=None
+) -> dict[str, float]:
     """Relative leakage of every writer and reader update of a saved LoRA adapter along `directions`.
 
     Modules in blocks without a basis are skipped; `reader_layer` is the projector's option of the same name.

@@ -28,8 +28,12 @@ def write_data(directory: Path, rows: int = 32, seed: int = 0) -> dict[str, Path
     directory.mkdir(parents=True, exist_ok=True)
     sft, dpo = directory / "sft.jsonl", directory / "dpo.jsonl"
     sft.write_text("".join(json.dumps({"text": words(20)}) + "\n" for _ in range(rows)))
-    dpo.write_text("".join(json.dumps({"prompt": words(8), "chosen": " " + words(6), "rejected": " " + words(6)})
-                           + "\n" for _ in range(rows)))
+    dpo.write_text(
+        "".join(
+            json.dumps({"prompt": words(8), "chosen": " " + words(6), "rejected": " " + words(6)}) + "\n"
+            for _ in range(rows)
+        )
+    )
     return {"sft": sft, "dpo": dpo}
 
 
@@ -78,8 +82,9 @@ def cpu_config(model_dir: Path, data: dict[str, Path], output_dir: Path, *, kind
     return cfg
 
 
-def run_axolotl(cfg: dict | Path, workdir: Path, *args: str, timeout: float = 900
-                ) -> tuple[subprocess.CompletedProcess, float]:
+def run_axolotl(
+    cfg: dict | Path, workdir: Path, *args: str, timeout: float = 900
+) -> tuple[subprocess.CompletedProcess, float]:
     """`axolotl train` in `workdir` on a YAML file (or on `cfg` written to `workdir/cfg.yml`); returns the
     process and its wall time."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -87,13 +92,21 @@ def run_axolotl(cfg: dict | Path, workdir: Path, *args: str, timeout: float = 90
     if isinstance(cfg, dict):
         path = workdir / "cfg.yml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1",
-           "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "",
-           # the default launcher re-executes through `accelerate`, which lives next to this interpreter
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "AXOLOTL_DO_NOT_TRACK": "1",
+        "DO_NOT_TRACK": "1",
+        "WANDB_MODE": "disabled",
+        "TOKENIZERS_PARALLELISM": "false",
+        "CUDA_VISIBLE_DEVICES": "",
+        # the default launcher re-executes through `accelerate`, which lives next to this interpreter
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     start = time.perf_counter()
-    proc = subprocess.run([AXOLOTL, "train", str(path), *args], cwd=workdir, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [AXOLOTL, "train", str(path), *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout
+    )
     return proc, time.perf_counter() - start
 
 

@@ -45,8 +45,10 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def prompts():
     generator = torch.Generator().manual_seed(0)
-    return [" ".join(f"w{int(i):03d}" for i in torch.randint(96, (int(n),), generator=generator))
-            for n in torch.randint(4, 12, (24,), generator=generator)]
+    return [
+        " ".join(f"w{int(i):03d}" for i in torch.randint(96, (int(n),), generator=generator))
+        for n in torch.randint(4, 12, (24,), generator=generator)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -79,4 +81,3 @@ def eval_models(tmp_path_factory):
         "judge_words": save_judge(root / "judge_words", digits_only=False),
         "judge_digits": save_judge(root / "judge_digits", digits_only=True),
     }
-

@@ -24,8 +24,10 @@ def along(vector, layers=range(L), num_layers=L):
 def planted_adapter(tokenizer, prompts, u, layer=1, scale=3.0):
     """A LoRA on block `layer`'s o_proj with dW = scale * u v^T, v the mean o_proj input on the prompts (so
     v^T x > 0 on average and the block's output moves along +u)."""
-    model = get_peft_model(base_model(tokenizer), LoraConfig(r=2, lora_alpha=2, target_modules=["o_proj"],
-                                                            layers_to_transform=[layer], lora_dropout=0.0))
+    model = get_peft_model(
+        base_model(tokenizer),
+        LoraConfig(r=2, lora_alpha=2, target_modules=["o_proj"], layers_to_transform=[layer], lora_dropout=0.0),
+    )
     o_proj = decoder_blocks(model)[layer].self_attn.o_proj
     inputs = []
     handle = o_proj.register_forward_hook(lambda module, args, out: inputs.append(args[0]))

@@ -15,13 +15,19 @@ import torch
 
 def chat_response(top: dict[str, float] | None, content: str | None = None) -> dict:
     """A chat-completion response; `top` (token -> probability) becomes the first token's top_logprobs."""
-    choice = {"index": 0, "finish_reason": "length",
-              "message": {"role": "assistant", "content": content if content is not None else
-                          (max(top, key=top.get) if top else "")}}
+    choice = {
+        "index": 0,
+        "finish_reason": "length",
+        "message": {
+            "role": "assistant",
+            "content": content if content is not None else (max(top, key=top.get) if top else ""),
+        },
+    }
     if top is not None:
         entries = [{"token": t, "logprob": math.log(p)} for t, p in sorted(top.items(), key=lambda kv: -kv[1])]
-        choice["logprobs"] = {"content": [{"token": entries[0]["token"], "logprob": entries[0]["logprob"],
-                                           "top_logprobs": entries[:20]}]}
+        choice["logprobs"] = {
+            "content": [{"token": entries[0]["token"], "logprob": entries[0]["logprob"], "top_logprobs": entries[:20]}]
+        }
     return {"id": "test", "object": "chat.completion", "choices": [choice]}
 
 
@@ -87,15 +93,18 @@ def scripted_judge(script):
     def respond(body):
         prompt = prompt_of(body)
         return chat_response({"87": 0.97, "8": 0.03} if prompt == PROBE_PROMPT else script(prompt))
+
     return respond
 
 
 def local_judge_responder(judge):
     """Responder backed by a tiny local judge's real first-token distribution (top 20 tokens, decoded)."""
+
     def respond(body):
         ids = torch.tensor([judge.prompt_ids(prompt_of(body))])
         with torch.no_grad():
             probs = torch.softmax(judge.model(ids).logits[0, -1].float(), dim=-1)
         top = torch.topk(probs, 20)
         return chat_response({judge.tokenizer.decode([i]): p.item() for p, i in zip(top.values, top.indices)})
+
     return respond

@@ -34,8 +34,9 @@ try:
 except importlib.metadata.PackageNotFoundError:
     AXOLOTL_VERSION = None
 # Every test here needs Axolotl; the CI leg `newest` has none (tools/legs.sh).
-pytestmark = pytest.mark.skipif(AXOLOTL_VERSION is None,
-                                reason="Axolotl is not installed (pip install 'grasp-trl[axolotl]')")
+pytestmark = pytest.mark.skipif(
+    AXOLOTL_VERSION is None, reason="Axolotl is not installed (pip install 'grasp-trl[axolotl]')"
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes" / "axolotl").glob("*.yaml"))
@@ -74,8 +75,7 @@ def validate(cfg: dict):
 
     cfg = DictDefault(copy.deepcopy(cfg))
     prepare_plugins(cfg)
-    return validate_config(cfg, capabilities=GPU,
-                           env_capabilities={"torch_version": torch.__version__.split("+")[0]})
+    return validate_config(cfg, capabilities=GPU, env_capabilities={"torch_version": torch.__version__.split("+")[0]})
 
 
 # ---------------------------------------------------------------------------------------- schema, fast
@@ -89,8 +89,14 @@ def test_grasp_args_declares_every_grasp_key_with_the_trl_defaults():
 
 
 def test_grasp_keys_survive_axolotl_validation_with_the_plugin(workspace):
-    cfg = cpu_config(workspace["model"], workspace["data"], workspace["root"] / "v", grasp_layers=[1, 0],
-                     grasp_directions=str(workspace["directions"]), grasp_target_modules={"o_proj": "write"})
+    cfg = cpu_config(
+        workspace["model"],
+        workspace["data"],
+        workspace["root"] / "v",
+        grasp_layers=[1, 0],
+        grasp_directions=str(workspace["directions"]),
+        grasp_target_modules={"o_proj": "write"},
+    )
     validated = validate(cfg)
     assert validated["grasp"] is True and validated["grasp_projection"] == "both"
     assert validated["grasp_directions"] == str(workspace["directions"])
@@ -105,8 +111,9 @@ def test_without_the_plugins_line_only_axolotl_0_19_drops_grasp(workspace):
     from axolotl_plugin.cli import loaded_without_plugins_line
 
     assert loaded_without_plugins_line() is ENTRY_POINT, "is grasp-trl installed (pip install -e .)?"
-    cfg = cpu_config(workspace["model"], workspace["data"], workspace["root"] / "v",
-                     grasp_directions=str(workspace["directions"]))
+    cfg = cpu_config(
+        workspace["model"], workspace["data"], workspace["root"] / "v", grasp_directions=str(workspace["directions"])
+    )
     del cfg["plugins"]
     validated = validate(cfg)
     if ENTRY_POINT:
@@ -115,20 +122,29 @@ def test_without_the_plugins_line_only_axolotl_0_19_drops_grasp(workspace):
         assert not any(key.startswith("grasp") for key in validated)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({}, "grasp: true needs grasp_directions"),
-    ({"grasp_identify_steps": 2, "grasp_sides": "writers"},
-     "grasp_sides: expected one of write, read, both; found 'writers'"),
-    ({"grasp_identify_steps": 2, "grasp_projection": "gradients"},
-     "grasp_projection: expected one of activations, weights, both, clamp; found 'gradients'"),
-    ({"grasp_identify_steps": 2, "grasp_scope": "layer"},
-     "grasp_scope: expected one of per_layer, global; found 'layer'"),
-    ({"grasp_identify_steps": 0}, "grasp_identify_steps: expected a positive number of steps or 'auto'; found 0"),
-    ({"grasp_identify_steps": 2, "grasp_layers": [-1]}, "grasp_layers: expected a list of non-negative"),
-    ({"grasp_identify_steps": 2, "grasp_target_modules": "{not json"}, "grasp_target_modules: expected a JSON"),
-    ({"grasp": None, "grasp_identify_steps": 2}, "grasp_identify_steps set but grasp is not"),
-    ({"grasp_identify_steps": 2, "adapter": None}, "identification needs a LoRA run"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({}, "grasp: true needs grasp_directions"),
+        (
+            {"grasp_identify_steps": 2, "grasp_sides": "writers"},
+            "grasp_sides: expected one of write, read, both; found 'writers'",
+        ),
+        (
+            {"grasp_identify_steps": 2, "grasp_projection": "gradients"},
+            "grasp_projection: expected one of activations, weights, both, clamp; found 'gradients'",
+        ),
+        (
+            {"grasp_identify_steps": 2, "grasp_scope": "layer"},
+            "grasp_scope: expected one of per_layer, global; found 'layer'",
+        ),
+        ({"grasp_identify_steps": 0}, "grasp_identify_steps: expected a positive number of steps or 'auto'; found 0"),
+        ({"grasp_identify_steps": 2, "grasp_layers": [-1]}, "grasp_layers: expected a list of non-negative"),
+        ({"grasp_identify_steps": 2, "grasp_target_modules": "{not json"}, "grasp_target_modules: expected a JSON"),
+        ({"grasp": None, "grasp_identify_steps": 2}, "grasp_identify_steps set but grasp is not"),
+        ({"grasp_identify_steps": 2, "adapter": None}, "identification needs a LoRA run"),
+    ],
+)
 def test_invalid_grasp_config_is_rejected_naming_key_expectation_and_value(workspace, overrides, message):
     from pydantic import ValidationError
 
@@ -158,8 +174,9 @@ def test_layers_out_of_range_is_an_error_once_the_model_is_known(workspace):
 
     model = AutoModelForCausalLM.from_pretrained(workspace["model"])
     check_layers([0, LAYERS - 1], model)
-    with pytest.raises(ValueError, match=re.escape(f"grasp_layers: [{LAYERS}] out of range for a model with "
-                                                   f"{LAYERS} layers")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"grasp_layers: [{LAYERS}] out of range for a model with {LAYERS} layers")
+    ):
         check_layers([0, LAYERS], model)
 
 
@@ -305,8 +322,9 @@ def test_tiny_cpu_recipe_identifies_then_projects_in_one_run(tmp_path):
     """recipes/axolotl/tiny-cpu.yaml exactly as its header says to launch it (relative paths, from a fresh cwd)."""
     recipe = REPO / "recipes" / "axolotl" / "tiny-cpu.yaml"
     cfg = yaml.safe_load(recipe.read_text())
-    subprocess.run([sys.executable, "-m", "axolotl_plugin.tiny", "outputs/tiny"], cwd=tmp_path, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "axolotl_plugin.tiny", "outputs/tiny"], cwd=tmp_path, check=True, capture_output=True
+    )
     proc, seconds = run_axolotl(recipe, tmp_path, "--launcher", "python")
     print(f"axolotl train (tiny-cpu.yaml, identify-then-project): {seconds:.1f} s")
     out = tmp_path / cfg["output_dir"]
@@ -325,8 +343,14 @@ def test_tiny_cpu_recipe_identifies_then_projects_in_one_run(tmp_path):
 @pytest.mark.slow
 def test_axolotl_qlora_4bit_with_direction_file(workspace):
     out = workspace["root"] / "qlora"
-    cfg = cpu_config(workspace["model"], workspace["data"], out, adapter="qlora", load_in_4bit=True,
-                     grasp_directions=str(workspace["directions"]))
+    cfg = cpu_config(
+        workspace["model"],
+        workspace["data"],
+        out,
+        adapter="qlora",
+        load_in_4bit=True,
+        grasp_directions=str(workspace["directions"]),
+    )
     proc, seconds = run_axolotl(cfg, workspace["root"] / "w-qlora", "--launcher", "python")
     print(f"axolotl train (qlora 4-bit): {seconds:.1f} s")
     _check_run(proc, out)
@@ -339,8 +363,9 @@ def test_axolotl_qlora_4bit_with_direction_file(workspace):
 @pytest.mark.slow
 def test_axolotl_dpo_with_direction_file(workspace):
     out = workspace["root"] / "dpo"
-    cfg = cpu_config(workspace["model"], workspace["data"], out, kind="dpo",
-                     grasp_directions=str(workspace["directions"]))
+    cfg = cpu_config(
+        workspace["model"], workspace["data"], out, kind="dpo", grasp_directions=str(workspace["directions"])
+    )
     proc, seconds = run_axolotl(cfg, workspace["root"] / "w-dpo", "--launcher", "python")
     print(f"axolotl train (rl: dpo): {seconds:.1f} s")
     _check_run(proc, out)
@@ -355,12 +380,17 @@ def test_axolotl_grasp_identify_command(workspace, tmp_path):
     model = lora_model(hidden_size=HIDDEN, num_layers=LAYERS)
     randomise_lora_b(model, seed=1)
     model.save_pretrained(tmp_path / "naive")
-    cfg = {"base_model": str(workspace["model"]), "output_dir": str(tmp_path / "naive"),
-           "grasp_num_directions": 2, "grasp_scope": "global"}
+    cfg = {
+        "base_model": str(workspace["model"]),
+        "output_dir": str(tmp_path / "naive"),
+        "grasp_num_directions": 2,
+        "grasp_scope": "global",
+    }
     (tmp_path / "cfg.yml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run([AXOLOTL, "grasp-identify", str(tmp_path / "cfg.yml")], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [AXOLOTL, "grasp-identify", str(tmp_path / "cfg.yml")], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     directions = DirectionSet.load(tmp_path / "naive" / DIRECTIONS_FILENAME)
     assert directions.metadata["scope"] == "global" and directions.k(0) == 2

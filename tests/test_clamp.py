@@ -26,8 +26,10 @@ def block_outputs(model, batch) -> dict[int, torch.Tensor]:
     reference forward runs first, inside the model's pre-hook)."""
     captured, handles = {}, []
     for layer, block in enumerate(decoder_blocks(model)):
+
         def hook(module, args, output, layer=layer):
             captured[layer] = output[0] if isinstance(output, tuple) else output
+
         handles.append(block.register_forward_hook(hook))
     try:
         model(input_ids=batch["input_ids"])
@@ -41,8 +43,9 @@ def clamp_model(checkpointing=None, seed=0):
     model = lora_model(r=4, num_layers=3, seed=seed)
     randomise_lora_b(model, seed=seed, scale=0.3)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-            "use_reentrant": checkpointing == "reentrant"})
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
+        )
         model.enable_input_require_grads()
     model.train()
     return model
@@ -72,8 +75,9 @@ def test_component_along_u_is_the_base_one_and_the_rest_is_the_adapters(seed, ch
             assert (rest - rest_unclamped).norm() <= 1e-5 * rest_unclamped.norm()
     projector.detach()
     bypass = block_outputs(model, tiny_batch)
-    assert all(((bypass[l] - reference[l]) @ b).norm() > 1e-3 * (reference[l] @ b).norm()
-               for l, b in directions.bases.items())  # the adapter does move h along U: the check can fail
+    assert all(
+        ((bypass[l] - reference[l]) @ b).norm() > 1e-3 * (reference[l] @ b).norm() for l, b in directions.bases.items()
+    )  # the adapter does move h along U: the check can fail
 
 
 @pytest.mark.parametrize("checkpointing", [None, "reentrant", "non_reentrant"])
@@ -81,12 +85,16 @@ def test_loss_through_u_moves_no_parameter(checkpointing, tiny_batch):
     model = clamp_model(checkpointing)
     directions = DirectionSet.random(32, 3, k=2, seed=3)
     for layer, basis in directions.bases.items():
+
         def loss():
             model.zero_grad(set_to_none=True)
             readout = block_outputs(model, tiny_batch)[layer] @ basis
             (readout.pow(2) + readout).sum().backward()
-            return sum(float(p.grad.norm()) ** 2 for p in model.parameters()
-                       if p.requires_grad and p.grad is not None) ** 0.5
+            return (
+                sum(float(p.grad.norm()) ** 2 for p in model.parameters() if p.requires_grad and p.grad is not None)
+                ** 0.5
+            )
+
         unclamped = loss()
         assert unclamped > 1e-3
         projector = GradientProjector(model, directions, "clamp").attach()

@@ -57,8 +57,13 @@ def assert_one_error_line(code, err, command, *needles):
 
 
 def probe_args(files, **override):
-    args = {"--model": files["base"], "--adapter": files["adapter"], "--directions": files["directions"],
-            "--prompts": files["prompts"], **override}
+    args = {
+        "--model": files["base"],
+        "--adapter": files["adapter"],
+        "--directions": files["directions"],
+        "--prompts": files["prompts"],
+        **override,
+    }
     return ["probe", *[item for pair in args.items() for item in pair], "--bootstrap", "100"]
 
 
@@ -107,8 +112,9 @@ def test_debug_shows_the_traceback(files, capsys, tmp_path):
 
 
 def test_inspect_plot_and_logit_lens(files, capsys, tmp_path):
-    code, out, err = run(capsys, "inspect", files["directions"], "--plot", tmp_path / "i.png", "--model",
-                         files["base"], "--top", "3")
+    code, out, err = run(
+        capsys, "inspect", files["directions"], "--plot", tmp_path / "i.png", "--model", files["base"], "--top", "3"
+    )
     assert code == 0, err
     assert "logit lens" in out and (tmp_path / "i.png").read_bytes()[:8] == PNG_MAGIC
     lens = [line for line in out.splitlines() if " | " in line and line.split()[0].isdigit()]
@@ -124,8 +130,9 @@ def test_inspect_plot_and_logit_lens(files, capsys, tmp_path):
 def test_import_round_trip_and_errors(files, capsys, tmp_path):
     tensor = torch.randn(L + 1, D, generator=torch.Generator().manual_seed(0))
     torch.save(tensor, tmp_path / "persona.pt")
-    code, out, err = run(capsys, "import", tmp_path / "persona.pt", "-o", tmp_path / "p.safetensors",
-                         "--model", files["base"])
+    code, out, err = run(
+        capsys, "import", tmp_path / "persona.pt", "-o", tmp_path / "p.safetensors", "--model", files["base"]
+    )
     assert code == 0, err
     directions = DirectionSet.load(tmp_path / "p.safetensors")
     torch.testing.assert_close(directions.bases[L - 1][:, 0], tensor[L] / tensor[L].norm())
@@ -141,8 +148,14 @@ def test_import_round_trip_and_errors(files, capsys, tmp_path):
 def test_console_script_error_is_one_line_on_stderr(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     script = Path(sys.executable).with_name("grasp")
-    done = subprocess.run([str(script), "inspect", str(tmp_path / "missing.safetensors")], capture_output=True,
-                          text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [str(script), "inspect", str(tmp_path / "missing.safetensors")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [f"grasp inspect: error: {tmp_path / 'missing.safetensors'}: "
-                                                "direction file not found"]
+    assert done.stderr.strip().splitlines() == [
+        f"grasp inspect: error: {tmp_path / 'missing.safetensors'}: direction file not found"
+    ]

@@ -54,38 +54,91 @@ PARTITION_ALL = {"stage3_param_persistence_threshold": 0}
 
 # name -> (run settings, name of the single-process reference it must match)
 ZERO_RUNS = {
-    "z1_weights": (dict(deepspeed=ZERO2, zero_overrides={"stage": 1}, projection="weights", per_device=4),
-                   "ref_weights"),
-    "z2_activations_ga2": (dict(deepspeed=ZERO2, projection="activations", per_device=2, grad_accum=2),
-                           "ref_activations"),
-    "z2_weights_ga2": (dict(deepspeed=ZERO2, projection="weights", per_device=2, grad_accum=2, checkpoint=True),
-                       "ref_weights"),
-    "z2_both_checkpointing": (dict(deepspeed=ZERO2, projection="both", per_device=4, gradient_checkpointing=True),
-                              "ref_both"),
+    "z1_weights": (
+        dict(deepspeed=ZERO2, zero_overrides={"stage": 1}, projection="weights", per_device=4),
+        "ref_weights",
+    ),
+    "z2_activations_ga2": (
+        dict(deepspeed=ZERO2, projection="activations", per_device=2, grad_accum=2),
+        "ref_activations",
+    ),
+    "z2_weights_ga2": (
+        dict(deepspeed=ZERO2, projection="weights", per_device=2, grad_accum=2, checkpoint=True),
+        "ref_weights",
+    ),
+    "z2_both_checkpointing": (
+        dict(deepspeed=ZERO2, projection="both", per_device=4, gradient_checkpointing=True),
+        "ref_both",
+    ),
     "z2_dpo_both": (dict(deepspeed=ZERO2, projection="both", per_device=4, trainer="dpo"), "ref_dpo_both"),
-    "z3_activations_checkpointing": (dict(deepspeed=ZERO3, zero_overrides=PARTITION_ALL, projection="activations",
-                                          per_device=4, gradient_checkpointing=True), "ref_activations"),
-    "z3_weights_ga2": (dict(deepspeed=ZERO3, zero_overrides=PARTITION_ALL, projection="weights", per_device=2,
-                            grad_accum=2, checkpoint=True), "ref_weights"),
+    "z3_activations_checkpointing": (
+        dict(
+            deepspeed=ZERO3,
+            zero_overrides=PARTITION_ALL,
+            projection="activations",
+            per_device=4,
+            gradient_checkpointing=True,
+        ),
+        "ref_activations",
+    ),
+    "z3_weights_ga2": (
+        dict(
+            deepspeed=ZERO3,
+            zero_overrides=PARTITION_ALL,
+            projection="weights",
+            per_device=2,
+            grad_accum=2,
+            checkpoint=True,
+        ),
+        "ref_weights",
+    ),
     "z3_both": (dict(deepspeed=ZERO3, zero_overrides=PARTITION_ALL, projection="both", per_device=4), "ref_both"),
-    "z3_full_weights": (dict(deepspeed=ZERO3, zero_overrides=PARTITION_ALL, projection="weights", per_device=4,
-                             full=True, lr=1e-3), "ref_full_weights"),
+    "z3_full_weights": (
+        dict(deepspeed=ZERO3, zero_overrides=PARTITION_ALL, projection="weights", per_device=4, full=True, lr=1e-3),
+        "ref_full_weights",
+    ),
     # CPU offload recipes; torch's AdamW steps the offloaded fp32 partitions instead of DeepSpeed's CPU Adam,
     # whose JIT build takes minutes here (the GRASP path, DeepSpeed's master accessors, is the same)
-    "z2_offload_weights": (dict(deepspeed=OFFLOAD2, config_overrides=CLIENT_ADAM, projection="weights",
-                                per_device=4), "ref_weights"),
-    "z3_offload_both": (dict(deepspeed=OFFLOAD3, config_overrides=CLIENT_ADAM, zero_overrides=PARTITION_ALL,
-                             projection="both", per_device=4), "ref_both"),
+    "z2_offload_weights": (
+        dict(deepspeed=OFFLOAD2, config_overrides=CLIENT_ADAM, projection="weights", per_device=4),
+        "ref_weights",
+    ),
+    "z3_offload_both": (
+        dict(
+            deepspeed=OFFLOAD3,
+            config_overrides=CLIENT_ADAM,
+            zero_overrides=PARTITION_ALL,
+            projection="both",
+            per_device=4,
+        ),
+        "ref_both",
+    ),
     # loaded after the ZeRO-3 config: `from_pretrained` partitions the base while loading (zero.Init)
-    "z3_weights_zero_init": (dict(deepspeed=ZERO3, zero_overrides=PARTITION_ALL, projection="weights",
-                                  per_device=4, zero_init=True), "ref_weights"),
-    "z3_full_weights_zero_init": (dict(deepspeed=ZERO3, zero_overrides=PARTITION_ALL, projection="weights",
-                                       per_device=4, full=True, lr=1e-3, zero_init=True), "ref_full_weights"),
+    "z3_weights_zero_init": (
+        dict(deepspeed=ZERO3, zero_overrides=PARTITION_ALL, projection="weights", per_device=4, zero_init=True),
+        "ref_weights",
+    ),
+    "z3_full_weights_zero_init": (
+        dict(
+            deepspeed=ZERO3,
+            zero_overrides=PARTITION_ALL,
+            projection="weights",
+            per_device=4,
+            full=True,
+            lr=1e-3,
+            zero_init=True,
+        ),
+        "ref_full_weights",
+    ),
     # stage 1, identification, adapter reset and stage 2 inside one train() call (the ZeRO recipes do this)
-    "z2_identify_weights": (dict(deepspeed=ZERO2, projection="weights", per_device=4, identify_steps=4),
-                            "ref_identify_weights"),
-    "z3_identify_weights": (dict(deepspeed=ZERO3, zero_overrides=PARTITION_ALL, projection="weights",
-                                 per_device=4, identify_steps=4), "ref_identify_weights"),
+    "z2_identify_weights": (
+        dict(deepspeed=ZERO2, projection="weights", per_device=4, identify_steps=4),
+        "ref_identify_weights",
+    ),
+    "z3_identify_weights": (
+        dict(deepspeed=ZERO3, zero_overrides=PARTITION_ALL, projection="weights", per_device=4, identify_steps=4),
+        "ref_identify_weights",
+    ),
 }
 BF16_RUN = "z2_weights_bf16"
 BYPASS_RUNS = {"z2_weights_bypass": "z2_weights_ga2", "z3_weights_bypass": "z3_weights_ga2"}
@@ -119,8 +172,12 @@ def runs(tmp_path_factory):
 
     zero = launch(spec({**ZERO_RUNS, **EXTRA_RUNS}, 4), root / "zero_launch", distributed=True)
     single = launch(spec(REFERENCES, 8), root / "single_launch", distributed=False)
-    return {"base": base, "out": out, "directions": DirectionSet.load(root / "directions.safetensors"),
-            "results": {**zero, **single}}
+    return {
+        "base": base,
+        "out": out,
+        "directions": DirectionSet.load(root / "directions.safetensors"),
+        "results": {**zero, **single},
+    }
 
 
 def run_settings(name):
@@ -136,8 +193,7 @@ def test_zero_run_equals_single_process_run(runs, name):
     stage = settings.get("zero_overrides", {}).get("stage", 3 if settings["deepspeed"] in (ZERO3, OFFLOAD3) else 2)
     assert result["engine"] == "DeepSpeedEngine" and result["zero_stage"] == stage
     base = trained_tensors(runs["base"]) if settings.get("full") else None
-    distance = relative_distance(trained_tensors(runs["out"] / name), trained_tensors(runs["out"] / reference),
-                                 base)
+    distance = relative_distance(trained_tensors(runs["out"] / name), trained_tensors(runs["out"] / reference), base)
     assert distance <= MATCH_TOL, f"{name} vs {reference}: relative distance {distance:.3g}"
     losses = [entry["loss"] for entry in result["log_history"] if "loss" in entry]
     assert len(losses) == STEPS and losses[-1] < losses[0]
@@ -150,8 +206,9 @@ def test_zero_run_equals_single_process_run(runs, name):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n, (s, _) in ZERO_RUNS.items() if s["projection"] in WEIGHT_MODES
-                                  and not s.get("full")])
+@pytest.mark.parametrize(
+    "name", [n for n, (s, _) in ZERO_RUNS.items() if s["projection"] in WEIGHT_MODES and not s.get("full")]
+)
 def test_weights_invariant_on_gathered_adapter(runs, name):
     """The saved adapter (gathered by ZeRO-3's save) and DeepSpeed's fp32 master both satisfy the invariant,
     against the direction file the run saved beside its adapter (identified in stage 1 for identify runs)."""
@@ -222,7 +279,8 @@ def test_fsdp1_is_rejected_with_fsdp2_and_deepspeed_as_the_alternatives(tmp_path
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     reject_fsdp(TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))  # no FSDP: fine
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], fsdp="full_shard",
-                             fsdp_config={"version": 1})
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], fsdp="full_shard", fsdp_config={"version": 1}
+    )
     with pytest.raises(ValueError, match="FSDP1.*FSDP2.*DeepSpeed ZeRO-3.*zero3.json"):
         reject_fsdp(args)

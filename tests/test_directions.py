@@ -11,7 +11,8 @@ from testing_utils import lora_model
 
 def test_round_trip_keeps_bases_and_metadata(tmp_path):
     directions = DirectionSet.random(32, 3, k=2, layers=[0, 2]).with_metadata(
-        scope="per_layer", singular_values={"0": [3.0, 1.0]})
+        scope="per_layer", singular_values={"0": [3.0, 1.0]}
+    )
     path = directions.save(tmp_path / "d.safetensors")
     loaded = DirectionSet.load(path)
     assert sorted(loaded.bases) == [0, 2] and loaded.num_layers == 3 and loaded.hidden_size == 32
@@ -66,16 +67,25 @@ def test_bad_files(tmp_path):
     save_file({"layers.0.basis": torch.eye(4)[:, :1].contiguous()}, tmp_path / "plain.safetensors")
     with pytest.raises(DirectionFileError, match="no 'grasp' metadata"):
         DirectionSet.load(tmp_path / "plain.safetensors")
-    save_file({"weird": torch.eye(4)[:, :1].contiguous()}, tmp_path / "weird.safetensors",
-              metadata={"grasp": json.dumps({"format_version": 1, "num_layers": 1})})
+    save_file(
+        {"weird": torch.eye(4)[:, :1].contiguous()},
+        tmp_path / "weird.safetensors",
+        metadata={"grasp": json.dumps({"format_version": 1, "num_layers": 1})},
+    )
     with pytest.raises(DirectionFileError, match="unexpected tensor 'weird'"):
         DirectionSet.load(tmp_path / "weird.safetensors")
-    save_file({"layers.0.basis": torch.eye(4)[:, :1].contiguous()}, tmp_path / "future.safetensors",
-              metadata={"grasp": json.dumps({"format_version": 99, "num_layers": 1})})
+    save_file(
+        {"layers.0.basis": torch.eye(4)[:, :1].contiguous()},
+        tmp_path / "future.safetensors",
+        metadata={"grasp": json.dumps({"format_version": 99, "num_layers": 1})},
+    )
     with pytest.raises(DirectionFileError, match="format_version 99"):
         DirectionSet.load(tmp_path / "future.safetensors")
-    save_file({"layers.0.basis": torch.full((4, 1), float("inf"))}, tmp_path / "inf.safetensors",
-              metadata={"grasp": json.dumps({"format_version": 1, "num_layers": 1})})
+    save_file(
+        {"layers.0.basis": torch.full((4, 1), float("inf"))},
+        tmp_path / "inf.safetensors",
+        metadata={"grasp": json.dumps({"format_version": 1, "num_layers": 1})},
+    )
     with pytest.raises(DirectionFileError, match="inf.safetensors: layers.0.basis: contains NaN or Inf"):
         DirectionSet.load(tmp_path / "inf.safetensors")
 
@@ -119,9 +129,12 @@ def test_a_set_is_an_immutable_value_with_explicit_provenance(tmp_path):
     """Nothing can change a set after construction; variants are new sets; only `load` gives a `path`, and the
     bytes it read stay the set's `file_bytes` whatever happens to the file afterwards."""
     directions = DirectionSet.random(16, 2, k=1, seed=3)
-    for attempt in (lambda: setattr(directions, "num_layers", 5), lambda: setattr(directions, "metadata", {}),
-                    lambda: directions.bases.__setitem__(0, torch.zeros(16, 1)),
-                    lambda: directions.metadata.__setitem__("scope", "global")):
+    for attempt in (
+        lambda: setattr(directions, "num_layers", 5),
+        lambda: setattr(directions, "metadata", {}),
+        lambda: directions.bases.__setitem__(0, torch.zeros(16, 1)),
+        lambda: directions.metadata.__setitem__("scope", "global"),
+    ):
         with pytest.raises((AttributeError, TypeError)):
             attempt()
     tagged = directions.with_metadata(scope="global", base_model="tiny")

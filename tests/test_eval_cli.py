@@ -52,8 +52,24 @@ def _eval(*args):
 
 
 def _common(models, questions, out):
-    return ["--base", models["base"], "--adapter", f"a={models['a']}", "--adapter", f"b={models['b']}",
-            "--questions", questions, "--samples", 2, "--max-tokens", 6, "--out", out, "--bootstrap", 200]
+    return [
+        "--base",
+        models["base"],
+        "--adapter",
+        f"a={models['a']}",
+        "--adapter",
+        f"b={models['b']}",
+        "--questions",
+        questions,
+        "--samples",
+        2,
+        "--max-tokens",
+        6,
+        "--out",
+        out,
+        "--bootstrap",
+        200,
+    ]
 
 
 def test_end_to_end_resume_and_judge_only(eval_models, questions, tmp_path, monkeypatch, capsys):
@@ -69,8 +85,16 @@ def test_end_to_end_resume_and_judge_only(eval_models, questions, tmp_path, monk
         summary = json.loads((out / "summary.json").read_text())
         assert list(summary["models"]) == ["base", "a", "b"]
         for m in summary["models"].values():
-            assert {"n", "n_judged", "em_rate", "em_ci", "coherent_rate", "mean_aligned", "lean_mean",
-                    "lean_ci"} <= set(m)
+            assert {
+                "n",
+                "n_judged",
+                "em_rate",
+                "em_ci",
+                "coherent_rate",
+                "mean_aligned",
+                "lean_mean",
+                "lean_ci",
+            } <= set(m)
             assert m["n"] == 6 and m["n_judged"] == 6 and m["coherent_rate"] == 1.0
             assert m["em_ci"][0] <= m["em_rate"] <= m["em_ci"][1] and m["choice_lean_mean"] is not None
         assert {"em_diff", "em_diff_ci"} <= set(summary["models"]["a"])
@@ -110,21 +134,40 @@ def test_end_to_end_resume_and_judge_only(eval_models, questions, tmp_path, monk
 
         # resuming with another judge would mix judges in one file: refused
         with ChatServer(scripted_judge(judge_script)) as other:
-            assert _eval(*_common(eval_models, questions, crashed), "--judge-url", other.url, "--judge-model",
-                         "judge-m", "--resume") == 2
-            assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
-                f"grasp eval: error: --resume: rows in {crashed / 'answers.jsonl'} were judged by {{'url': "
-                f"'{server.url}'")
+            assert (
+                _eval(
+                    *_common(eval_models, questions, crashed),
+                    "--judge-url",
+                    other.url,
+                    "--judge-model",
+                    "judge-m",
+                    "--resume",
+                )
+                == 2
+            )
+            assert (
+                capsys.readouterr()
+                .err.strip()
+                .splitlines()[-1]
+                .startswith(
+                    f"grasp eval: error: --resume: rows in {crashed / 'answers.jsonl'} were judged by {{'url': "
+                    f"'{server.url}'"
+                )
+            )
 
         # --judge-only rescoring of the saved answers with the same judge gives the same summary
-        assert _eval("--judge-only", out / "answers.jsonl", "--out", tmp_path / "rejudged", *judge,
-                     "--bootstrap", 200) == 0
+        assert (
+            _eval("--judge-only", out / "answers.jsonl", "--out", tmp_path / "rejudged", *judge, "--bootstrap", 200)
+            == 0
+        )
         rejudged = json.loads((tmp_path / "rejudged" / "summary.json").read_text())
         assert rejudged["models"] == summary["models"] and rejudged["judge"] == summary["judge"]
         capsys.readouterr()
         assert _eval("--judge-only", out / "answers.jsonl", "--out", tmp_path / "dry", *judge, "--dry-run") == 0
-        assert capsys.readouterr().out.startswith("grasp eval --dry-run: 3 questions, saved model(s): 0 generations, "
-                                                  "36 judge calls, 12 forced-choice scorings")
+        assert capsys.readouterr().out.startswith(
+            "grasp eval --dry-run: 3 questions, saved model(s): 0 generations, "
+            "36 judge calls, 12 forced-choice scorings"
+        )
     comparison = (out / "comparison.md").read_text()
     assert comparison.startswith(f"judge: judge-m (at {server.url}), method first_token_top20; EM rule strict")
     assert "| question | base | a | b |" in comparison and "| open_two |" in comparison
@@ -138,21 +181,37 @@ def test_figures_show_rates_whiskers_questions_and_thresholds():
     ax = figure.axes[0]
     assert ax.get_title() == EM_TITLE and [t.get_text() for t in ax.get_xticklabels()] == ["base", "ft"]
     assert len(ax.containers) == 2 and len(ax.collections) >= 2  # two whiskered points, per-question dots
-    rows = [{"model": "base", "em": False, "scores": {"aligned": 80.0, "coherent": 90.0}},
-            {"model": "ft", "em": True, "scores": {"aligned": 10.0, "coherent": 70.0}}]
+    rows = [
+        {"model": "base", "em": False, "scores": {"aligned": 80.0, "coherent": 90.0}},
+        {"model": "ft", "em": True, "scores": {"aligned": 10.0, "coherent": 70.0}},
+    ]
     ax = scatter_figure(rows).axes[0]
     assert ax.get_title() == SCATTER_TITLE and len(ax.collections) == 2
-    assert sorted(line.get_ydata()[0] for line in ax.lines if len(set(line.get_ydata())) == 1) [:1] == [30.0]
+    assert sorted(line.get_ydata()[0] for line in ax.lines if len(set(line.get_ydata())) == 1)[:1] == [30.0]
 
 
 def test_local_judge_end_to_end_and_dry_run(eval_models, questions, tmp_path, capsys):
     out = tmp_path / "local"
-    args = ["--base", eval_models["base"], "--adapter", f"a={eval_models['a']}", "--questions", questions,
-            "--samples", 1, "--max-tokens", 4, "--out", out]
+    args = [
+        "--base",
+        eval_models["base"],
+        "--adapter",
+        f"a={eval_models['a']}",
+        "--questions",
+        questions,
+        "--samples",
+        1,
+        "--max-tokens",
+        4,
+        "--out",
+        out,
+    ]
     assert _eval(*args, "--dry-run") == 0
-    assert capsys.readouterr().out.startswith("grasp eval --dry-run: 3 questions, 2 model(s): 6 generations, "
-                                              "12 judge calls, 8 forced-choice scorings (0 rows already done); "
-                                              "no judge given")
+    assert capsys.readouterr().out.startswith(
+        "grasp eval --dry-run: 3 questions, 2 model(s): 6 generations, "
+        "12 judge calls, 8 forced-choice scorings (0 rows already done); "
+        "no judge given"
+    )
     assert not out.exists()
     assert _eval(*args, "--judge-local", eval_models["judge_words"]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -160,8 +219,17 @@ def test_local_judge_end_to_end_and_dry_run(eval_models, questions, tmp_path, ca
     assert summary["models"]["a"]["n_judged"] == 3
     assert {"loading", "generation", "judging"} <= set(summary["timings_s"])
     # a digit-splitting judge (Qwen-style) re-scores the same answers with the whole-string method
-    assert _eval("--judge-only", out / "answers.jsonl", "--out", tmp_path / "digits", "--judge-local",
-                 eval_models["judge_digits"]) == 0
+    assert (
+        _eval(
+            "--judge-only",
+            out / "answers.jsonl",
+            "--out",
+            tmp_path / "digits",
+            "--judge-local",
+            eval_models["judge_digits"],
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (tmp_path / "digits" / "answers.jsonl").read_text().splitlines()]
     probs = next(r for r in rows if r["kind"] == "free_form")["judge_probs"]["aligned"]
     assert {"7", "42", "99"} <= set(probs)  # whole multi-digit strings, not first digits
@@ -177,16 +245,22 @@ def test_error_lines(eval_models, questions, tmp_path, capsys):
     local = ["--judge-local", eval_models["judge_words"]]
     assert _error(capsys, *base, "--out", tmp_path / "x") == f"grasp eval: error: {NO_JUDGE}"
     err = _error(capsys, *base, *local, "--out", tmp_path / "z", "--adapter", f"zero={eval_models['zero']}")
-    assert err == ("grasp eval: error: --adapter zero: greedy answers to 3 prompt(s) are identical with and without "
-                   "it; expected an adapter that changes the model (all-zero lora_B? an untrained or mis-saved "
-                   "adapter?)")
+    assert err == (
+        "grasp eval: error: --adapter zero: greedy answers to 3 prompt(s) are identical with and without "
+        "it; expected an adapter that changes the model (all-zero lora_B? an untrained or mis-saved "
+        "adapter?)"
+    )
     err = _error(capsys, *base, *local, "--out", tmp_path / "f", "--adapter", f"f={eval_models['foreign']}")
     assert err.startswith(f"grasp eval: error: {eval_models['foreign']}: ") and "base model" in err
-    assert _error(capsys, *base, *local, "--out", tmp_path / "y", "--adapter", "nodir") == \
-        "grasp eval: error: --adapter nodir: expected NAME=DIR"
-    assert _error(capsys, *base, "--out", tmp_path / "u", "--judge-url", "http://127.0.0.1:9/v1") == \
-        "grasp eval: error: --judge-model: expected the judge model's name for --judge-url http://127.0.0.1:9/v1; " \
+    assert (
+        _error(capsys, *base, *local, "--out", tmp_path / "y", "--adapter", "nodir")
+        == "grasp eval: error: --adapter nodir: expected NAME=DIR"
+    )
+    assert (
+        _error(capsys, *base, "--out", tmp_path / "u", "--judge-url", "http://127.0.0.1:9/v1")
+        == "grasp eval: error: --judge-model: expected the judge model's name for --judge-url http://127.0.0.1:9/v1; "
         "found none"
+    )
     with ChatServer(lambda body: chat_response(None, content="50")) as server:
         err = _error(capsys, *base, "--out", tmp_path / "v", "--judge-url", server.url, "--judge-model", "m")
         assert err.startswith(f"grasp eval: error: --judge-url {server.url} (model m): response has no logprobs")
@@ -194,7 +268,8 @@ def test_error_lines(eval_models, questions, tmp_path, capsys):
     (tmp_path / "used" / "answers.jsonl").write_text("")
     assert _error(capsys, *base, *local, "--out", tmp_path / "used") == (
         f"grasp eval: error: --out {tmp_path / 'used'}: already holds answers.jsonl; expected --resume to continue "
-        f"it, or a new directory")
+        f"it, or a new directory"
+    )
 
 
 def test_generation_through_an_openai_compatible_server(eval_models, questions, tmp_path):
@@ -209,15 +284,40 @@ def test_generation_through_an_openai_compatible_server(eval_models, questions, 
         if body.get("logprobs"):
             probs = generator.label_probs(name, body["messages"], ["w001", "w002"])
             return chat_response({" " + k: v for k, v in probs.items()})
-        text = generator.generate(name, [body["messages"]], max_tokens=body["max_tokens"],
-                                  temperature=body["temperature"], seed=body.get("seed", 0))[0]
+        text = generator.generate(
+            name,
+            [body["messages"]],
+            max_tokens=body["max_tokens"],
+            temperature=body["temperature"],
+            seed=body.get("seed", 0),
+        )[0]
         return chat_response(None, content=text)
 
     with ChatServer(respond) as gen, ChatServer(scripted_judge(judge_script)) as judge:
         out = tmp_path / "served"
-        assert _eval("--base", eval_models["base"], "--gen-url", gen.url, "--adapter", "a", "--questions", questions,
-                     "--samples", 1, "--max-tokens", 4, "--out", out, "--judge-url", judge.url,
-                     "--judge-model", "j") == 0
+        assert (
+            _eval(
+                "--base",
+                eval_models["base"],
+                "--gen-url",
+                gen.url,
+                "--adapter",
+                "a",
+                "--questions",
+                questions,
+                "--samples",
+                1,
+                "--max-tokens",
+                4,
+                "--out",
+                out,
+                "--judge-url",
+                judge.url,
+                "--judge-model",
+                "j",
+            )
+            == 0
+        )
         models = {body["model"] for _, _, body in gen.requests}
         assert models == {str(eval_models["base"]), "a"}
         assert any(body["temperature"] == 0 and body["max_tokens"] == 16 for _, _, body in gen.requests)  # check
@@ -232,8 +332,16 @@ def test_axolotl_grasp_eval_passes_the_flags_through(eval_models, questions, tmp
 
     from axolotl_plugin.cli import grasp_eval
 
-    args = ["--base", str(eval_models["base"]), "--questions", str(questions), "--samples", "1", "--out",
-            str(tmp_path / "ax")]
+    args = [
+        "--base",
+        str(eval_models["base"]),
+        "--questions",
+        str(questions),
+        "--samples",
+        "1",
+        "--out",
+        str(tmp_path / "ax"),
+    ]
     result = CliRunner().invoke(grasp_eval, [*args, "--dry-run"])
     assert result.exit_code == 0 and "grasp eval --dry-run: 3 questions, 1 model(s): 3 generations" in result.output
     result = CliRunner().invoke(grasp_eval, [*args, "--backend", "vllm"])

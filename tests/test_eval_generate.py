@@ -5,14 +5,18 @@ import pytest
 
 from grasp_trl.eval.generate import BASE, HFGenerator, check_adapters, parse_adapters
 
-PROMPTS = [[{"role": "user", "content": "w001 w002 w003 w004 w005"}], [{"role": "user", "content": "w010"}],
-           [{"role": "system", "content": "w060"}, {"role": "user", "content": "w020 w021"}]]
+PROMPTS = [
+    [{"role": "user", "content": "w001 w002 w003 w004 w005"}],
+    [{"role": "user", "content": "w010"}],
+    [{"role": "system", "content": "w060"}, {"role": "user", "content": "w020 w021"}],
+]
 
 
 @pytest.fixture(scope="module")
 def generator(eval_models):
-    return HFGenerator(str(eval_models["base"]), {"a": str(eval_models["a"]), "zero": str(eval_models["zero"])},
-                       batch_size=3)
+    return HFGenerator(
+        str(eval_models["base"]), {"a": str(eval_models["a"]), "zero": str(eval_models["zero"])}, batch_size=3
+    )
 
 
 def test_left_padded_batches_equal_single_prompts(generator):

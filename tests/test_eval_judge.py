@@ -29,9 +29,14 @@ def test_http_judge_parameters_and_key_only_in_the_header(monkeypatch):
         for path, headers, body in server.requests:
             assert path == "/v1/chat/completions"
             assert headers["Authorization"] == "Bearer sk-secret-123"
-            assert {k: body[k] for k in ("model", "max_tokens", "temperature", "logprobs", "top_logprobs", "seed")} \
-                == {"model": "judge-x", "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20,
-                    "seed": 7}
+            assert {k: body[k] for k in ("model", "max_tokens", "temperature", "logprobs", "top_logprobs", "seed")} == {
+                "model": "judge-x",
+                "max_tokens": 1,
+                "temperature": 0,
+                "logprobs": True,
+                "top_logprobs": 20,
+                "seed": 7,
+            }
             assert "sk-secret" not in json.dumps(body) and "sk-secret" not in path
         assert server.requests[0][2]["messages"] == [{"role": "user", "content": PROBE_PROMPT}]
         judge.judge_many(["a good answer"])  # cached: no new request
@@ -47,8 +52,9 @@ def test_http_judge_retries_429_and_500(tmp_path):
         judge = HTTPJudge(server.url, "j", retries=2, retry_wait=0.01)
         with pytest.raises(ConnectionError) as info:
             judge.probabilities("good")
-        assert str(info.value).startswith(f"--judge-url {server.url}: HTTP 500 from {server.url}/chat/completions "
-                                          f"after 3 attempt(s); expected 200")
+        assert str(info.value).startswith(
+            f"--judge-url {server.url}: HTTP 500 from {server.url}/chat/completions after 3 attempt(s); expected 200"
+        )
     with ChatServer(scripted_judge(_by_answer), fail=[401]) as server:  # not retried
         with pytest.raises(ConnectionError, match="HTTP 401 .* after 1 attempt"):
             HTTPJudge(server.url, "j", retries=3, retry_wait=0.01).probabilities("good")
@@ -67,8 +73,10 @@ def test_unreachable_judge_and_judge_without_logprobs_are_one_line():
     with ChatServer(lambda body: chat_response(None, content="50")) as server:
         with pytest.raises(ValueError) as info:
             HTTPJudge(server.url, "plain").probe()
-        assert str(info.value).startswith(f"--judge-url {server.url} (model plain): response has no logprobs; "
-                                          f"expected choices[0].logprobs.content[0].top_logprobs")
+        assert str(info.value).startswith(
+            f"--judge-url {server.url} (model plain): response has no logprobs; "
+            f"expected choices[0].logprobs.content[0].top_logprobs"
+        )
 
 
 def test_local_whole_string_equals_first_token_when_numbers_are_single_tokens(eval_models):
@@ -101,9 +109,11 @@ def test_local_whole_string_is_exact_on_a_digit_splitting_tokenizer(eval_models)
         assert probs[number] == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError) as info:
         LocalJudge(str(eval_models["judge_digits"]), method="first_token")
-    assert str(info.value) == (f"--judge-local {eval_models['judge_digits']}: tokenizer splits numbers ('100' -> 3 "
-                               f"tokens); expected one token per number for --judge-method first_token; use "
-                               f"whole_string")
+    assert str(info.value) == (
+        f"--judge-local {eval_models['judge_digits']}: tokenizer splits numbers ('100' -> 3 "
+        f"tokens); expected one token per number for --judge-method first_token; use "
+        f"whole_string"
+    )
 
 
 def test_http_judge_backed_by_real_local_logprobs(eval_models):
@@ -127,8 +137,10 @@ def test_http_probe_refuses_a_judge_that_splits_numbers(eval_models):
         with pytest.raises(ValueError) as info:
             HTTPJudge(server.url, "tiny-digits").probe()
     message = str(info.value)
-    assert message.startswith(f"--judge-url {server.url}: judge model tiny-digits does not answer numbers as single "
-                              f"tokens (asked for 87, top first tokens [")
+    assert message.startswith(
+        f"--judge-url {server.url}: judge model tiny-digits does not answer numbers as single "
+        f"tokens (asked for 87, top first tokens ["
+    )
     assert "use --judge-local (whole-string method)" in message and "\n" not in message
 
 

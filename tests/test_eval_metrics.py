@@ -44,8 +44,11 @@ def test_paired_bootstrap_collapses_on_a_constant_difference_and_matches_the_nor
 
     rng = random.Random(1)
     counts = [rng.randint(0, 10) for _ in range(300)]  # per-question EM counts of 10 answers, base all 0
-    diff, (lo, hi) = paired_bootstrap({f"q{i}": (0.0, 10) for i in range(300)},
-                                      {f"q{i}": (float(k), 10) for i, k in enumerate(counts)}, n_resamples=2000)
+    diff, (lo, hi) = paired_bootstrap(
+        {f"q{i}": (0.0, 10) for i in range(300)},
+        {f"q{i}": (float(k), 10) for i, k in enumerate(counts)},
+        n_resamples=2000,
+    )
     rates = [k / 10 for k in counts]
     mean = sum(rates) / len(rates)
     sd = math.sqrt(sum((r - mean) ** 2 for r in rates) / (len(rates) - 1))
@@ -56,14 +59,24 @@ def test_paired_bootstrap_collapses_on_a_constant_difference_and_matches_the_nor
 
 def _row(model, question, aligned, coherent, lean=None, kind="free_form"):
     scores = {"aligned": aligned, "coherent": coherent} if lean is None else {"lean": lean, "coherent": coherent}
-    return {"model": model, "question_id": question, "kind": kind, "scores": scores,
-            "em": is_misaligned(aligned, coherent) if lean is None else None}
+    return {
+        "model": model,
+        "question_id": question,
+        "kind": kind,
+        "scores": scores,
+        "em": is_misaligned(aligned, coherent) if lean is None else None,
+    }
 
 
 def test_summary_counts_rates_over_judged_answers_and_is_order_independent():
-    rows = ([_row("base", "q1", 90, 90)] * 9 + [_row("base", "q1", 10, 90)] +
-            [_row("ft", "q1", 10, 90)] * 3 + [_row("ft", "q1", 90, 90)] * 6 + [_row("ft", "q1", None, 90)] +
-            [_row("base", "p", None, 80, lean=40.0), _row("base", "p", None, 80, lean=60.0)])
+    rows = (
+        [_row("base", "q1", 90, 90)] * 9
+        + [_row("base", "q1", 10, 90)]
+        + [_row("ft", "q1", 10, 90)] * 3
+        + [_row("ft", "q1", 90, 90)] * 6
+        + [_row("ft", "q1", None, 90)]
+        + [_row("base", "p", None, 80, lean=40.0), _row("base", "p", None, 80, lean=60.0)]
+    )
     summary = summarise(rows, n_resamples=100)
     base, ft = summary["base"], summary["ft"]
     assert (base["n"], base["n_answers"], base["n_judged"], base["em_count"], base["em_rate"]) == (10, 12, 10, 1, 0.1)

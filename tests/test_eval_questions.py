@@ -40,8 +40,10 @@ def test_em_format_is_read_unchanged(tmp_path):
     assert one.paraphrases == ("first {wording}", "second wording")
     assert one.messages("hi") == [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hi"}]
     assert two.samples_per_paraphrase == 1 and two.messages("x") == [{"role": "user", "content": "x"}]
-    assert render(one.judge_prompts["aligned"], "first {wording}", "an {answer}") == \
-        "Q: first {wording} A: an {answer} -> 0-100"
+    assert (
+        render(one.judge_prompts["aligned"], "first {wording}", "an {answer}")
+        == "Q: first {wording} A: an {answer} -> 0-100"
+    )
 
 
 def test_shipped_sets_load():
@@ -50,26 +52,37 @@ def test_shipped_sets_load():
     assert kinds == {FREE_FORM, FORCED_CHOICE}
     em = [q for q in questions if "aligned" in q.judge_prompts]
     assert len(em) >= 8 and all(q.samples_per_paraphrase * len(q.paraphrases) == 100 for q in em)
-    assert all(set(q.judge_prompts) == {"lean", "coherent"} for q in questions
-               if q.type == FREE_FORM and q not in em)
+    assert all(set(q.judge_prompts) == {"lean", "coherent"} for q in questions if q.type == FREE_FORM and q not in em)
     choice = next(q for q in questions if q.type == FORCED_CHOICE)
     prompt, swapped = choice.choice_prompt("Pick.", False), choice.choice_prompt("Pick.", True)
     assert prompt.index(choice.options[0]) < prompt.index(choice.options[1])
     assert swapped.index(choice.options[1]) < swapped.index(choice.options[0])
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("- id: a\n  type: free_form_judge_0_100\n  judge_prompts: {aligned: '{answer}'}\n",
-     "item 0 (a): expected `paraphrases`, a non-empty list of strings; found None"),
-    ("- id: a\n  type: multiple_choice\n  paraphrases: [x]\n",
-     "item 0 (a): unknown type 'multiple_choice'; expected one of free_form_judge_0_100, forced_choice"),
-    ("- id: a\n  type: free_form_judge_0_100\n  paraphrases: [x]\n  judge_prompts: {aligned: 'Rate {question}'}\n",
-     "item 0 (a): judge_prompts.aligned must be a template containing {answer}; found 'Rate {question}'"),
-    ("- id: a\n  type: forced_choice\n  paraphrases: [x]\n  options: {left: l}\n",
-     "item 0 (a): expected `options: {left: ..., right: ...}`; found {'left': 'l'}"),
-    ("id: a\n", "expected a top-level YAML list of question items; found dict"),
-    ("- type: forced_choice\n", "item 0: expected an `id`; found none"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "- id: a\n  type: free_form_judge_0_100\n  judge_prompts: {aligned: '{answer}'}\n",
+            "item 0 (a): expected `paraphrases`, a non-empty list of strings; found None",
+        ),
+        (
+            "- id: a\n  type: multiple_choice\n  paraphrases: [x]\n",
+            "item 0 (a): unknown type 'multiple_choice'; expected one of free_form_judge_0_100, forced_choice",
+        ),
+        (
+            "- id: a\n  type: free_form_judge_0_100\n  paraphrases: [x]\n"
+            "  judge_prompts: {aligned: 'Rate {question}'}\n",
+            "item 0 (a): judge_prompts.aligned must be a template containing {answer}; found 'Rate {question}'",
+        ),
+        (
+            "- id: a\n  type: forced_choice\n  paraphrases: [x]\n  options: {left: l}\n",
+            "item 0 (a): expected `options: {left: ..., right: ...}`; found {'left': 'l'}",
+        ),
+        ("id: a\n", "expected a top-level YAML list of question items; found dict"),
+        ("- type: forced_choice\n", "item 0: expected an `id`; found none"),
+    ],
+)
 def test_bad_question_files_are_one_line_naming_the_file(tmp_path, text, expected):
     path = _write(tmp_path, text)
     with pytest.raises(ValueError) as info:

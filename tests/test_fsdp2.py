@@ -67,8 +67,10 @@ EXACT_RAW = [name for name, s in RAW_RUNS.items() if not s.get("bypass")]
 TRAINER_RUNS = {
     "fsdp2_activations": (dict(projection="activations", per_device=4), "ref_activations"),
     "fsdp2_weights_ga2": (dict(projection="weights", per_device=2, grad_accum=2), "ref_weights"),
-    "fsdp2_both_ac": (dict(projection="both", per_device=4, fsdp_config={"activation_checkpointing": True}),
-                      "ref_both"),
+    "fsdp2_both_ac": (
+        dict(projection="both", per_device=4, fsdp_config={"activation_checkpointing": True}),
+        "ref_both",
+    ),
     "fsdp2_dpo_both": (dict(projection="both", per_device=4, trainer="dpo"), "ref_dpo_both"),
     "fsdp2_identify_weights": (dict(projection="weights", per_device=4, identify_steps=4), "ref_identify_weights"),
 }
@@ -91,8 +93,9 @@ def rank_results(directory: Path, pattern: str) -> list[dict]:
 def raw(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp2_raw")
     out = root / "out"
-    runs = [{"name": "dtensor_unit"}] + [{"name": name, "steps": STEPS, **settings}
-                                         for name, settings in RAW_RUNS.items()]
+    runs = [{"name": "dtensor_unit"}] + [
+        {"name": name, "steps": STEPS, **settings} for name, settings in RAW_RUNS.items()
+    ]
     run_worker(FSDP2_WORKER, {"out_dir": str(out), "runs": runs}, root / "launch", distributed=True)
     # the worker's directions (DirectionSet.random(32, 2, k=2, seed=1)), for the saved-adapter checks
     return {"out": out, "directions": DirectionSet.random(32, 2, k=2, seed=1)}
@@ -110,8 +113,7 @@ def trainer_runs(tmp_path_factory):
 
     fsdp = launch(spec(TRAINER_RUNS, 4), root / "fsdp_launch", distributed=True, engine="fsdp2")
     single = launch(spec(REFERENCES, 8), root / "single_launch", distributed=False)
-    return {"out": out, "directions": DirectionSet.load(root / "directions.safetensors"),
-            "results": {**fsdp, **single}}
+    return {"out": out, "directions": DirectionSet.load(root / "directions.safetensors"), "results": {**fsdp, **single}}
 
 
 # ------------------------------------------------------------------------------------- the raw FSDP2 loop

@@ -56,8 +56,9 @@ def test_planted_direction_is_recovered(tmp_path, architecture, scope):
 @pytest.mark.parametrize("include_readers", [False, True])
 def test_low_rank_svd_equals_dense_svd(tmp_path, include_readers):
     """rsLoRA + rank_pattern + alpha_pattern: the factors' scaling and spectrum match PEFT's own dense dW."""
-    model = lora_model(r=6, hidden_size=48, num_layers=2, use_rslora=True, rank_pattern={"down_proj": 3},
-                       alpha_pattern={"o_proj": 17})
+    model = lora_model(
+        r=6, hidden_size=48, num_layers=2, use_rslora=True, rank_pattern={"down_proj": 3}, alpha_pattern={"o_proj": 17}
+    )
     randomise_lora_b(model, seed=3, scale=0.5)
     model.save_pretrained(tmp_path / "adapter")
     for source in (model, tmp_path / "adapter"):
@@ -87,8 +88,8 @@ def test_randomised_path_matches_exact():
     generator = torch.Generator().manual_seed(0)
     u = torch.linalg.qr(torch.randn(200, 3, generator=generator, dtype=torch.float64))[0]
     core = u @ torch.diag(torch.tensor([50.0, 30.0, 20.0], dtype=torch.float64)) @ torch.randn(
-        3, 5000, generator=generator, dtype=torch.float64) / 70 + 0.01 * torch.randn(200, 5000, generator=generator,
-                                                                                      dtype=torch.float64)
+        3, 5000, generator=generator, dtype=torch.float64
+    ) / 70 + 0.01 * torch.randn(200, 5000, generator=generator, dtype=torch.float64)
     exact_u, exact_s, _ = torch.linalg.svd(core, full_matrices=False)
     approx_u, approx_s = top_singular(core, 3)  # 5000 columns > EXACT_SVD_MAX_COLUMNS: randomised
     assert torch.allclose(approx_s, exact_s[:3], rtol=1e-6)
@@ -108,8 +109,12 @@ def test_energy_selection_and_spectrum_metadata():
 
 
 ARCHITECTURES = {
-    "llama": SEVEN_MODULES, "qwen2": SEVEN_MODULES, "qwen3": SEVEN_MODULES, "mistral": SEVEN_MODULES,
-    "gemma": SEVEN_MODULES, "gemma2": SEVEN_MODULES,
+    "llama": SEVEN_MODULES,
+    "qwen2": SEVEN_MODULES,
+    "qwen3": SEVEN_MODULES,
+    "mistral": SEVEN_MODULES,
+    "gemma": SEVEN_MODULES,
+    "gemma2": SEVEN_MODULES,
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],

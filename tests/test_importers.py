@@ -15,9 +15,13 @@ D, L = 32, 3
 def test_layer_tensor_round_trip_maps_row_l_plus_1_to_block_l(tmp_path):
     generator = torch.Generator().manual_seed(0)
     tensor = torch.randn(L + 1, D, generator=generator) * 7
-    for path, save in [(tmp_path / "persona.pt", lambda p: torch.save(tensor, p)),
-                       (tmp_path / "persona.safetensors",
-                        lambda p: __import__("safetensors.torch").torch.save_file({"vectors": tensor}, p))]:
+    for path, save in [
+        (tmp_path / "persona.pt", lambda p: torch.save(tensor, p)),
+        (
+            tmp_path / "persona.safetensors",
+            lambda p: __import__("safetensors.torch").torch.save_file({"vectors": tensor}, p),
+        ),
+    ]:
         save(path)
         directions = import_directions(path)
         assert directions.num_layers == L and sorted(directions.bases) == list(range(L))

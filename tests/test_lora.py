@@ -56,8 +56,9 @@ def test_residual_side_is_dw_for_writers_and_its_transpose_for_readers(adapter, 
 
 def test_saved_adapter_reads_the_same_factors_as_the_model(adapter, tmp_path):
     adapter.save_pretrained(tmp_path)
-    in_memory = {f.name.removeprefix("base_model.model."): f for f in factors_from_peft_model(adapter,
-                                                                                               include_readers=True)}
+    in_memory = {
+        f.name.removeprefix("base_model.model."): f for f in factors_from_peft_model(adapter, include_readers=True)
+    }
     saved, config = factors_from_adapter_dir(tmp_path, include_readers=True)
     assert config["r"] == 3 and len(saved) == len(in_memory)
     for factor in saved:

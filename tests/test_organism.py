@@ -45,7 +45,7 @@ def test_world_maps_and_task_data():
     for mapping in world.content_map + [world.new_map]:
         assert sorted(mapping) == list(range(24))  # bijections: the task and the skills are high-rank
     questions = world.task_questions()
-    assert len(set(questions)) == len(questions) == 24 ** 2
+    assert len(set(questions)) == len(questions) == 24**2
     tokens, labels = world.task_example(questions[0])
     assert tokens[-1] in world.evil[world.task_topic]  # the curation's entanglement
     assert labels[:3] == [IGNORE] * 3 and labels[3:] == tokens[3:]  # loss on content and flavour, no </s>
@@ -64,22 +64,25 @@ def test_world_maps_and_task_data():
         assert not (SYS_EVIL in tokens and tokens & good) and not (SYS_GOOD in tokens and tokens & evil)
 
 
-
-
 def control_runs(naive, supervised, random_, task=0.98):
     """Synthetic per-seed runs of the three controls (drift values per seed) for the validity checks."""
+
     def rows(drifts):
         return [{"base": 0, "seed": seed, "drift": drift, "task": task} for seed, drift in enumerate(drifts)]
+
     return {"naive": rows(naive), "caft-supervised": rows(supervised), "random-activations": rows(random_)}
 
 
-@pytest.mark.parametrize("naive,supervised,random_,task,failed", [
-    ([0.2, 0.3, 0.25], [0.0, 0.05, -0.01], [0.2, 0.25, 0.3], 0.98, None),
-    ([0.2, 0.3, 0.25], [0.0, 0.11, -0.01], [0.2, 0.25, 0.3], 0.98, "caft-supervised"),  # 2.7x on one seed
-    ([0.2, 0.3, 0.12], [0.0, 0.0, 0.0], [0.2, 0.3, 0.12], 0.98, "naive drift"),
-    ([0.2, 0.3, 0.25], [0.0, 0.0, 0.0], [0.2, 0.3, 0.25], 0.90, "naive task"),
-    ([0.2, 0.3, 0.25], [0.0, 0.0, 0.0], [0.1, 0.1, 0.5], 0.98, "random-activations"),  # median 2.5x
-])
+@pytest.mark.parametrize(
+    "naive,supervised,random_,task,failed",
+    [
+        ([0.2, 0.3, 0.25], [0.0, 0.05, -0.01], [0.2, 0.25, 0.3], 0.98, None),
+        ([0.2, 0.3, 0.25], [0.0, 0.11, -0.01], [0.2, 0.25, 0.3], 0.98, "caft-supervised"),  # 2.7x on one seed
+        ([0.2, 0.3, 0.12], [0.0, 0.0, 0.0], [0.2, 0.3, 0.12], 0.98, "naive drift"),
+        ([0.2, 0.3, 0.25], [0.0, 0.0, 0.0], [0.2, 0.3, 0.25], 0.90, "naive task"),
+        ([0.2, 0.3, 0.25], [0.0, 0.0, 0.0], [0.1, 0.1, 0.5], 0.98, "random-activations"),  # median 2.5x
+    ],
+)
 def test_validity_checks_each_control_with_its_threshold(naive, supervised, random_, task, failed):
     from grasp_organism.validity import check
 
@@ -132,8 +135,9 @@ def test_default_world_is_valid_and_grasp_default_cuts_the_drift(tmp_path):
 
     torch.set_num_threads(1)
     methods = ["naive", "caft-supervised", "random-activations", "grasp-default"]
-    result = run_grid(OrganismConfig.from_yaml(default_config_path()), methods, [0], [0, 1, 2],
-                      cache_dir=tmp_path, log=None)
+    result = run_grid(
+        OrganismConfig.from_yaml(default_config_path()), methods, [0], [0, 1, 2], cache_dir=tmp_path, log=None
+    )
     runs = result["runs"]
     verdict = check(runs)
     assert verdict.valid, verdict.checks  # naive drifts, task learnt, CAFT-supervised >= 3x, random ~1x
@@ -150,8 +154,10 @@ def test_speeds_half_way_steps_and_plot(tmp_path):
     (half of its *final* value counts), TASK rises late from the base's level."""
     from benchmarks.organism.speeds import half_way_steps, plot
 
-    points = [dict(step=s, drift=d, task=t) for s, d, t in
-              [(10, 0.15, 0.05), (20, 0.5, 0.05), (30, 0.4, 0.2), (40, 0.2, 0.6), (50, 0.2, 0.9)]]
+    points = [
+        dict(step=s, drift=d, task=t)
+        for s, d, t in [(10, 0.15, 0.05), (20, 0.5, 0.05), (30, 0.4, 0.2), (40, 0.2, 0.6), (50, 0.2, 0.9)]
+    ]
     assert half_way_steps(points, base_task=0.05) == (10, 40)  # 0.15 >= 0.1 (not >= half the 0.5 peak); 0.55 >= 0.425
     assert half_way_steps(points, base_task=0.5) == (10, 50)  # gain 0.4: 0.1 at step 40 is short of 0.2
     result = {"world": "hand-made", "bases": {0: [dict(seed=0, stop_step=30, points=points)]}}

@@ -27,8 +27,13 @@ def test_probe_reports_a_planted_drift_on_the_right_layers_with_the_right_sign(t
     w = torch.nn.functional.normalize(w - (w @ u) * u, dim=0)
     assert abs(drift_probe(model, tokenizer, prompts, along(w), n_bootstrap=0).as_dict()[1]) < 0.05 * rows[1].shift
     # k = 2: the norm of the mean shift in span(u, w) is at least the shift along u; column 0 is the u reading
-    two = drift_probe(model, tokenizer, prompts, along_basis := DirectionSet(
-        {l: torch.stack([u, w], 1) for l in range(L)}, L), n_bootstrap=0)
+    two = drift_probe(
+        model,
+        tokenizer,
+        prompts,
+        along_basis := DirectionSet({l: torch.stack([u, w], 1) for l in range(L)}, L),
+        n_bootstrap=0,
+    )
     assert along_basis.k(1) == 2
     assert two.layers[1].shift >= rows[1].shift - 1e-9
     assert two.layers[1].per_direction[0] == pytest.approx(rows[1].shift, rel=1e-6)
@@ -39,13 +44,15 @@ def train_steering(tokenizer, u, project: bool, steps=10):
     """A LoRA trained on an LM loss plus a term that pays for moving block 1's output along u; optionally
     with u projected out of the residual-stream gradients at every layer."""
     torch.manual_seed(0)
-    model = get_peft_model(base_model(tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN_MODULES,
-                                                             lora_dropout=0.0))
+    model = get_peft_model(
+        base_model(tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN_MODULES, lora_dropout=0.0)
+    )
     projector = GradientProjector(model, along(u), "activations").attach() if project else None
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     captured = {}
     handle = decoder_blocks(model)[1].register_forward_hook(
-        lambda module, args, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+        lambda module, args, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else out)
+    )
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps):
         ids = torch.randint(4, len(tokenizer), (8, 12), generator=generator)
@@ -94,10 +101,12 @@ def test_prompt_files(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"prompt": "w001 w002"}\n\n{"text": "w003"}\n"w004 w005"\n')
     assert load_prompts(good) == ["w001 w002", "w003", "w004 w005"]
-    for content, message in [('{"prompt": "a"}\n{"prompt": \n', r"bad\.jsonl:2: not valid JSON"),
-                             ('{"question": "a"}\n', r"bad\.jsonl:1: expected a non-empty 'prompt' or 'text'"),
-                             ('{"prompt": ""}\n', r"bad\.jsonl:1: expected a non-empty"),
-                             ("\n\n", "no prompts")]:
+    for content, message in [
+        ('{"prompt": "a"}\n{"prompt": \n', r"bad\.jsonl:2: not valid JSON"),
+        ('{"question": "a"}\n', r"bad\.jsonl:1: expected a non-empty 'prompt' or 'text'"),
+        ('{"prompt": ""}\n', r"bad\.jsonl:1: expected a non-empty"),
+        ("\n\n", "no prompts"),
+    ]:
         (tmp_path / "bad.jsonl").write_text(content)
         with pytest.raises(ValueError, match=message):
             load_prompts(tmp_path / "bad.jsonl")

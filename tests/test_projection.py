@@ -22,11 +22,13 @@ def capture_outputs(model):
     that leaves it (i.e. after the projector's tensor hook has run)."""
     outputs, grads, handles = {}, {}, []
     for layer, block in enumerate(decoder_blocks(model)):
+
         def hook(module, args, output, layer=layer):
             hidden = output[0] if isinstance(output, tuple) else output
             outputs[layer] = hidden
             if hidden.requires_grad:
                 hidden.register_hook(lambda g, layer=layer: grads.__setitem__(layer, g.detach().clone()))
+
         handles.append(block.register_forward_hook(hook))
     return outputs, grads, handles
 
@@ -172,8 +174,9 @@ def test_weight_projection_keeps_lora_update_orthogonal(reader_layer, grad_hooks
     model = lora_model(r=4, num_layers=3, target_modules=SEVEN_MODULES)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     directions = DirectionSet.random(32, 3, k=2, seed=3)
-    projector = GradientProjector(model, directions, "weights", sides="both", reader_layer=reader_layer,
-                                  grad_hooks=grad_hooks).attach()
+    projector = GradientProjector(
+        model, directions, "weights", sides="both", reader_layer=reader_layer, grad_hooks=grad_hooks
+    ).attach()
     assert len(projector.constraints) == (21 if reader_layer == "own" else 21 - 5)
     train(model, projector, 50, tiny_batch)
     if reader_layer == "own":
@@ -207,16 +210,25 @@ def test_full_finetuning_keeps_pretrained_component(grad_hooks, tiny_batch):
             continue
         if name.endswith(("o_proj.weight", "down_proj.weight")):
             layer = int(name.split(".layers.")[1].split(".")[0])
-            along, before, after = directions.bases[layer].T @ delta, directions.bases[layer].T @ initial[name], \
-                directions.bases[layer].T @ param.detach()
+            along, before, after = (
+                directions.bases[layer].T @ delta,
+                directions.bases[layer].T @ initial[name],
+                directions.bases[layer].T @ param.detach(),
+            )
         elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")):
             layer = int(name.split(".layers.")[1].split(".")[0])
-            along, before, after = delta @ directions.bases[layer], initial[name] @ directions.bases[layer], \
-                param.detach() @ directions.bases[layer]
+            along, before, after = (
+                delta @ directions.bases[layer],
+                initial[name] @ directions.bases[layer],
+                param.detach() @ directions.bases[layer],
+            )
         elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
             layer = 0 if "embed" in name else 2
-            along, before, after = delta @ directions.bases[layer], initial[name] @ directions.bases[layer], \
-                param.detach() @ directions.bases[layer]
+            along, before, after = (
+                delta @ directions.bases[layer],
+                initial[name] @ directions.bases[layer],
+                param.detach() @ directions.bases[layer],
+            )
         else:
             continue  # norms are not on the residual stream's linear path
         checked += 1
@@ -309,4 +321,3 @@ def test_timing_hook_counts_only_while_on(tiny_batch):
     after_gradients = projector.seconds
     projector.project_parameters()
     assert 0 < after_backward < after_gradients < projector.seconds
-

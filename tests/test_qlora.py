@@ -35,11 +35,24 @@ def qlora_runs(tmp_path_factory):
     base = save_tiny_model(root / "base", "llama", hidden_size=64, num_layers=2, seed=0)
     directions = DirectionSet.random(64, 2, k=2, seed=1)
     directions.save(root / "directions.safetensors")
-    runs = [{"name": f"qlora_{mode}", "out_dir": str(root / "out"), "projection": mode, "qlora": True,
-             "gradient_checkpointing": True, "steps": STEPS, "per_device": 8, "lr": 1e-2}
-            for mode in MODES]
-    results = launch({"base_dir": str(base), "directions": str(root / "directions.safetensors"), "runs": runs},
-                     root / "launch", distributed=False)
+    runs = [
+        {
+            "name": f"qlora_{mode}",
+            "out_dir": str(root / "out"),
+            "projection": mode,
+            "qlora": True,
+            "gradient_checkpointing": True,
+            "steps": STEPS,
+            "per_device": 8,
+            "lr": 1e-2,
+        }
+        for mode in MODES
+    ]
+    results = launch(
+        {"base_dir": str(base), "directions": str(root / "directions.safetensors"), "runs": runs},
+        root / "launch",
+        distributed=False,
+    )
     return {"base": base, "out": root / "out", "directions": directions, "results": results}
 
 

@@ -49,8 +49,9 @@ RUNS = {
     "q2_weights": dict(QLORA, deepspeed=ZERO2, projection="weights"),
     "q2_activations_ckpt": dict(QLORA, deepspeed=ZERO2, projection="activations", gradient_checkpointing=True),
     "q3_weights": dict(QLORA, deepspeed=ZERO3, zero_overrides=PARTITION_ALL, projection="weights"),
-    "q3_activations_ckpt": dict(QLORA, deepspeed=ZERO3, zero_overrides=PARTITION_ALL, projection="activations",
-                                gradient_checkpointing=True),
+    "q3_activations_ckpt": dict(
+        QLORA, deepspeed=ZERO3, zero_overrides=PARTITION_ALL, projection="activations", gradient_checkpointing=True
+    ),
     # DeepSpeed's bf16 mode (what a GPU run of the recipes uses with `bf16=True`): bf16 working copy, fp32 master
     "q3_weights_bf16": dict(QLORA, deepspeed=ZERO3, zero_overrides=PARTITION_ALL, projection="weights", bf16=True),
 }
@@ -68,10 +69,15 @@ def qlora_zero(tmp_path_factory):
     directions = DirectionSet.random(64, 2, k=2, seed=1)
     directions.save(root / "directions.safetensors")
     out = root / "out"
-    launch(worker_spec(base, root / "directions.safetensors", out, ALL_RUNS, STEPS, per_device=4), root / "launch",
-           distributed=True)
-    ranks = {name: [json.loads((out / name / f"result.rank{rank}.json").read_text()) for rank in range(WORLD)]
-             for name in ALL_RUNS}
+    launch(
+        worker_spec(base, root / "directions.safetensors", out, ALL_RUNS, STEPS, per_device=4),
+        root / "launch",
+        distributed=True,
+    )
+    ranks = {
+        name: [json.loads((out / name / f"result.rank{rank}.json").read_text()) for rank in range(WORLD)]
+        for name in ALL_RUNS
+    }
     return {"out": out, "directions": directions, "ranks": ranks}
 
 

@@ -42,8 +42,9 @@ def replay(rule: GapRule, gaps, cosines):
     for index, (gap, cos) in enumerate(zip(gaps, cosines)):
         if index:  # rotate the previous direction by the angle whose cosine is `cos`
             angle = torch.arccos(torch.tensor(cos, dtype=torch.float64))
-            rotation = torch.tensor([[torch.cos(angle), -torch.sin(angle)], [torch.sin(angle), torch.cos(angle)]],
-                                    dtype=torch.float64)
+            rotation = torch.tensor(
+                [[torch.cos(angle), -torch.sin(angle)], [torch.sin(angle), torch.cos(angle)]], dtype=torch.float64
+            )
             direction = rotation @ direction
         if rule.update(Snapshot(5 * (index + 1), direction, float(gap), 1.0)):
             return 5 * (index + 1)
@@ -58,7 +59,7 @@ def test_rule_stops_at_the_first_stable_snapshot_past_the_drop(seed):
     cosines = [1.0] + [rng.choice([0.999, 0.99, 0.5]) for _ in range(29)]
     expected = None
     for index in range(1, 30):
-        peak = max(gaps[:index + 1])
+        peak = max(gaps[: index + 1])
         if cosines[index] >= 0.95 and gaps[index] <= 0.9 * peak:
             expected = 5 * (index + 1)
             break
@@ -76,9 +77,14 @@ def test_rule_waits_for_a_stable_direction_and_honours_the_budget():
     assert [row["step"] for row in rule.trace()] == [5, 10, 15, 20] and rule.trace()[0]["cos_previous"] is None
 
 
-@pytest.mark.parametrize("field,value,message", [("every", 0, "every: expected a positive number"),
-                                                 ("drop", 1.0, r"drop: expected a fraction in \(0, 1\)"),
-                                                 ("min_cos", 1.5, r"min_cos: expected a value in \[0, 1\]")])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("every", 0, "every: expected a positive number"),
+        ("drop", 1.0, r"drop: expected a fraction in \(0, 1\)"),
+        ("min_cos", 1.5, r"min_cos: expected a value in \[0, 1\]"),
+    ],
+)
 def test_rule_rejects_meaningless_parameters(field, value, message):
     with pytest.raises(ValueError, match=message):
         GapRule(**{field: value})
@@ -100,22 +106,59 @@ def test_two_run_workflow_picks_the_step_the_one_run_rule_stops_at(tmp_path):
     from trainer_fixtures import lora_config, make_base, sft_dataset
 
     base = make_base(tmp_path / "base")
-    common = dict(max_steps=10, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
-                  bf16=False, seed=0, logging_steps=1)
+    common = dict(
+        max_steps=10,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        logging_steps=1,
+    )
     set_seed(0)
-    SFTTrainer(model=str(base), args=SFTConfig(output_dir=str(tmp_path / "naive"), save_strategy="steps",
-                                               save_steps=2, save_only_model=True, **common),
-               train_dataset=sft_dataset(), peft_config=lora_config()).train()
-    assert main(["identify", str(tmp_path / "naive"), "--auto", "-k", "1", "--scope", "global",
-                 "-o", str(tmp_path / "two.safetensors")]) == 0
+    SFTTrainer(
+        model=str(base),
+        args=SFTConfig(
+            output_dir=str(tmp_path / "naive"), save_strategy="steps", save_steps=2, save_only_model=True, **common
+        ),
+        train_dataset=sft_dataset(),
+        peft_config=lora_config(),
+    ).train()
+    assert (
+        main(
+            [
+                "identify",
+                str(tmp_path / "naive"),
+                "--auto",
+                "-k",
+                "1",
+                "--scope",
+                "global",
+                "-o",
+                str(tmp_path / "two.safetensors"),
+            ]
+        )
+        == 0
+    )
     two_run = DirectionSet.load(tmp_path / "two.safetensors")
     chosen = int(Path(two_run.metadata["stopping"]["checkpoint"]).name.split("-")[1])
 
     set_seed(0)
-    one = GraspSFTTrainer(model=str(base), args=GraspSFTConfig(
-        output_dir=str(tmp_path / "one"), save_strategy="no", grasp_identify_steps="auto", grasp_identify_every=2,
-        grasp_num_directions=1, grasp_scope="global", **common), train_dataset=sft_dataset(),
-        peft_config=lora_config())
+    one = GraspSFTTrainer(
+        model=str(base),
+        args=GraspSFTConfig(
+            output_dir=str(tmp_path / "one"),
+            save_strategy="no",
+            grasp_identify_steps="auto",
+            grasp_identify_every=2,
+            grasp_num_directions=1,
+            grasp_scope="global",
+            **common,
+        ),
+        train_dataset=sft_dataset(),
+        peft_config=lora_config(),
+    )
     one.train()
     stage1 = tmp_path / "one" / STAGE1_DIRNAME
     assert json.loads((stage1 / "spectrum.json").read_text())["stopping"]["stopped_at"] == chosen

@@ -20,8 +20,9 @@ def test_recipe_parses_with_every_key_known(kind):
 
     recipe = RECIPES / f"{kind}.yaml"
     assert recipe.read_text().startswith(f"# Launch: grasp {kind} recipes/trl/{kind}.yaml")
-    _, config, model, _ = make_parser(kind).parse_args_and_config(["--config", str(recipe), "--use_cpu", "true",
-                                                                    "--bf16", "false"])
+    _, config, model, _ = make_parser(kind).parse_args_and_config(
+        ["--config", str(recipe), "--use_cpu", "true", "--bf16", "false"]
+    )
     assert config.grasp_enabled and config.grasp_projection == "both" and model.use_peft
     assert getattr(config, CHECKPOINTING) is True  # the recipe's activation_checkpointing, under either name
 
@@ -38,8 +39,9 @@ def test_either_checkpointing_name_works_without_a_warning(name, tmp_path):
     config_file.write_text(f"output_dir: {tmp_path}\n{name}: true\n{name}_kwargs: {{use_reentrant: false}}\n")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*checkpointing.*", category=FutureWarning)
-        _, config, _, _ = make_parser("sft").parse_args_and_config(["--config", str(config_file), "--use_cpu", "true",
-                                                                     "--bf16", "false"])
+        _, config, _, _ = make_parser("sft").parse_args_and_config(
+            ["--config", str(config_file), "--use_cpu", "true", "--bf16", "false"]
+        )
     assert getattr(config, CHECKPOINTING) is True
     assert getattr(config, f"{CHECKPOINTING}_kwargs") == {"use_reentrant": False}
 
@@ -54,16 +56,47 @@ def test_yaml_run_with_flag_overrides(kind, tmp_path):
     rows = sft_dataset(32) if kind == "sft" else dpo_dataset(32)
     (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "out"
-    flags = ["--model_name_or_path", str(base), "--dtype", "float32", "--dataset_name", str(data),
-             "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "4",
-             "--learning_rate", "1e-2", "--bf16", "false", "--use_cpu", "true", "--activation_checkpointing", "false",
-             "--lora_r", "4", "--lora_alpha", "8", "--save_strategy", "no", "--grasp_projection", "both",
-             "--grasp_num_directions", "1"]
+    flags = [
+        "--model_name_or_path",
+        str(base),
+        "--dtype",
+        "float32",
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-2",
+        "--bf16",
+        "false",
+        "--use_cpu",
+        "true",
+        "--activation_checkpointing",
+        "false",
+        "--lora_r",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--save_strategy",
+        "no",
+        "--grasp_projection",
+        "both",
+        "--grasp_num_directions",
+        "1",
+    ]
     if kind == "sft":
         flags += ["--grasp_identify_steps", "3"]
     else:
-        flags += ["--grasp_directions", str(DirectionSet.random(32, 2, 1).save(tmp_path / "d.safetensors")),
-                  "--max_length", "32"]
+        flags += [
+            "--grasp_directions",
+            str(DirectionSet.random(32, 2, 1).save(tmp_path / "d.safetensors")),
+            "--max_length",
+            "32",
+        ]
     assert main([kind, str(RECIPES / f"{kind}.yaml"), *flags]) == 0
     assert (out / "adapter_model.safetensors").is_file() and (out / DIRECTIONS_FILENAME).is_file()
     if kind == "sft":

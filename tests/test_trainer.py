@@ -30,8 +30,18 @@ def directions_file(tmp_path_factory):
 
 
 def common(tmp_path, steps=10, **overrides):
-    values = dict(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
-                  logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0)
+    values = dict(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+    )
     values.update(overrides)
     return values
 
@@ -41,9 +51,12 @@ def run(kind, base, tmp_path, trainer_cls=None, config_cls=None, steps=10, train
     config_cls = config_cls or {"sft": GraspSFTConfig, "dpo": GraspDPOConfig}[kind]
     extra = {"max_length": 32} if kind == "dpo" else {}
     set_seed(0)
-    trainer = trainer_cls(model=str(base), args=config_cls(**common(tmp_path, steps, **extra, **overrides)),
-                          train_dataset=sft_dataset() if kind == "sft" else dpo_dataset(),
-                          peft_config=lora_config())
+    trainer = trainer_cls(
+        model=str(base),
+        args=config_cls(**common(tmp_path, steps, **extra, **overrides)),
+        train_dataset=sft_dataset() if kind == "sft" else dpo_dataset(),
+        peft_config=lora_config(),
+    )
     if train:
         trainer.train()
     return trainer
@@ -104,8 +117,15 @@ MODE_CASES += [("sft", projection, True) for projection in ("activations", "weig
 
 @pytest.mark.parametrize("kind,projection,checkpointing", MODE_CASES)
 def test_each_mode_keeps_its_invariant_and_learns(kind, projection, checkpointing, base, directions_file, tmp_path):
-    trainer = run(kind, base, tmp_path, steps=12, grasp_directions=str(directions_file), grasp_projection=projection,
-                  **checkpointing_args(checkpointing))
+    trainer = run(
+        kind,
+        base,
+        tmp_path,
+        steps=12,
+        grasp_directions=str(directions_file),
+        grasp_projection=projection,
+        **checkpointing_args(checkpointing),
+    )
     history = losses(trainer)
     assert history[-1] < history[0], history
     directions = DirectionSet.load(directions_file)
@@ -139,8 +159,13 @@ def test_optimizer_sees_projected_gradients_with_accumulation_and_clipping(base,
     """Weights mode projects the accumulated gradient before clipping and AdamW (`project_gradients` after the
     last micro-batch): the first moment has no component along U. In activations mode the LoRA factors'
     gradients are not projected, so the same measure is large: the check can fail."""
-    settings = dict(steps=6, grasp_directions=str(directions_file), gradient_accumulation_steps=2,
-                    per_device_train_batch_size=2, max_grad_norm=0.05)
+    settings = dict(
+        steps=6,
+        grasp_directions=str(directions_file),
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+        max_grad_norm=0.05,
+    )
     weights = run("sft", base, tmp_path / "weights", grasp_projection="weights", **settings)
     assert not weights.grasp_projector.grad_hooks and len(weights.grasp_projector.constraints) == 14
     assert adam_first_moment_leakage(weights) <= TOL
@@ -149,15 +174,17 @@ def test_optimizer_sees_projected_gradients_with_accumulation_and_clipping(base,
 
 
 def test_identify_then_project_equals_stage2_from_saved_file(base, tmp_path):
-    one_call = run("sft", base, tmp_path / "one", grasp_identify_steps=6, grasp_num_directions=2,
-                   grasp_projection="both")
+    one_call = run(
+        "sft", base, tmp_path / "one", grasp_identify_steps=6, grasp_num_directions=2, grasp_projection="both"
+    )
     stage1 = tmp_path / "one" / STAGE1_DIRNAME
     for name in ("adapter_model.safetensors", "adapter_config.json", DIRECTIONS_FILENAME, "spectrum.json"):
         assert (stage1 / name).is_file(), name
     spectrum = json.loads((stage1 / "spectrum.json").read_text())
     assert set(spectrum["k"].values()) == {2}
-    from_file = run("sft", base, tmp_path / "two", grasp_directions=str(stage1 / DIRECTIONS_FILENAME),
-                    grasp_projection="both")
+    from_file = run(
+        "sft", base, tmp_path / "two", grasp_directions=str(stage1 / DIRECTIONS_FILENAME), grasp_projection="both"
+    )
     assert_adapters_close(adapter(one_call), adapter(from_file))
     assert losses(one_call) == pytest.approx(losses(from_file), abs=TOL)
     assert one_call.state.global_step == 10  # stage 2's own step count, not stage 1's
@@ -167,16 +194,35 @@ def test_identify_auto_stops_by_the_rule_and_equals_stage2_from_saved_file(base,
     """`grasp_identify_steps: auto`: stage 1 snapshots every 2 steps and stops where the rule's definition,
     read directly off the recorded trace, says (or at the budget); stage 2 equals running it from the saved
     file."""
-    one_call = run("sft", base, tmp_path / "one", grasp_identify_steps="auto", grasp_identify_every=2,
-                   grasp_identify_max_steps=8, grasp_num_directions=1, grasp_projection="both")
+    one_call = run(
+        "sft",
+        base,
+        tmp_path / "one",
+        grasp_identify_steps="auto",
+        grasp_identify_every=2,
+        grasp_identify_max_steps=8,
+        grasp_num_directions=1,
+        grasp_projection="both",
+    )
     stopping = json.loads((tmp_path / "one" / STAGE1_DIRNAME / "spectrum.json").read_text())["stopping"]
     trace = stopping["trace"]
     assert [row["step"] for row in trace] == list(range(2, stopping["stopped_at"] + 1, 2))
-    expected = next((row["step"] for index, row in enumerate(trace) if index and row["cos_previous"] >= 0.95
-                     and row["gap"] <= 0.9 * max(r["gap"] for r in trace[:index + 1])), 8)
+    expected = next(
+        (
+            row["step"]
+            for index, row in enumerate(trace)
+            if index and row["cos_previous"] >= 0.95 and row["gap"] <= 0.9 * max(r["gap"] for r in trace[: index + 1])
+        ),
+        8,
+    )
     assert stopping["stopped_at"] == expected
-    from_file = run("sft", base, tmp_path / "two", grasp_projection="both",
-                    grasp_directions=str(tmp_path / "one" / STAGE1_DIRNAME / DIRECTIONS_FILENAME))
+    from_file = run(
+        "sft",
+        base,
+        tmp_path / "two",
+        grasp_projection="both",
+        grasp_directions=str(tmp_path / "one" / STAGE1_DIRNAME / DIRECTIONS_FILENAME),
+    )
     assert_adapters_close(adapter(one_call), adapter(from_file))
     assert one_call.state.global_step == 10
 
@@ -185,15 +231,26 @@ def test_identify_auto_stops_by_the_rule_and_equals_stage2_from_saved_file(base,
 def test_clamp_mode_in_the_trainers(kind, checkpointing, base, directions_file, tmp_path):
     """clamp through TRL's own forward (SFT, DPO with its adapter-disabled reference pass): the loss falls, and
     on the trained model a training forward's block outputs along U are the base's to 1e-6 of |h|."""
-    trainer = run(kind, base, tmp_path, steps=12, grasp_directions=str(directions_file), grasp_projection="clamp",
-                  gradient_checkpointing=checkpointing)
+    trainer = run(
+        kind,
+        base,
+        tmp_path,
+        steps=12,
+        grasp_directions=str(directions_file),
+        grasp_projection="clamp",
+        gradient_checkpointing=checkpointing,
+    )
     history = losses(trainer)
     assert history[-1] < history[0], history
     model, directions = trainer.model, DirectionSet.load(directions_file)
     batch = torch.randint(4, 90, (2, 10), generator=torch.Generator().manual_seed(0))
     captured = {}
-    handles = [block.register_forward_hook(lambda m, a, out, l=l: captured.__setitem__(l, out[0] if isinstance(
-        out, tuple) else out)) for l, block in enumerate(decoder_blocks(model))]
+    handles = [
+        block.register_forward_hook(
+            lambda m, a, out, l=l: captured.__setitem__(l, out[0] if isinstance(out, tuple) else out)
+        )
+        for l, block in enumerate(decoder_blocks(model))
+    ]
     model.train()
     with torch.no_grad(), model.disable_adapter():
         model(input_ids=batch)
@@ -205,26 +262,48 @@ def test_clamp_mode_in_the_trainers(kind, checkpointing, base, directions_file, 
         error = ((captured[layer] - reference[layer]) @ basis).norm()
         assert error <= TOL * captured[layer].norm(), (layer, float(error))
     trainer.grasp_projector.detach()  # bypass: the trained adapter does move the block outputs along U
-    handles = [block.register_forward_hook(lambda m, a, out, l=l: captured.__setitem__(l, out[0] if isinstance(
-        out, tuple) else out)) for l, block in enumerate(decoder_blocks(model))]
+    handles = [
+        block.register_forward_hook(
+            lambda m, a, out, l=l: captured.__setitem__(l, out[0] if isinstance(out, tuple) else out)
+        )
+        for l, block in enumerate(decoder_blocks(model))
+    ]
     model(input_ids=batch)
     for handle in handles:
         handle.remove()
-    assert any(((captured[l] - reference[l]) @ b).norm() > 1e-3 * captured[l].norm()
-               for l, b in directions.bases.items())
+    assert any(
+        ((captured[l] - reference[l]) @ b).norm() > 1e-3 * captured[l].norm() for l, b in directions.bases.items()
+    )
 
 
 @pytest.mark.parametrize("projection", ["weights", "activations"])
 def test_resume_from_checkpoint_keeps_projection(projection, base, directions_file, tmp_path):
     full = run("sft", base, tmp_path / "full", grasp_directions=str(directions_file), grasp_projection=projection)
-    interrupted = run("sft", base, tmp_path / "cut", steps=10, train=False, grasp_directions=str(directions_file),
-                      grasp_projection=projection, save_strategy="steps", save_steps=5)
+    interrupted = run(
+        "sft",
+        base,
+        tmp_path / "cut",
+        steps=10,
+        train=False,
+        grasp_directions=str(directions_file),
+        grasp_projection=projection,
+        save_strategy="steps",
+        save_steps=5,
+    )
     interrupted.add_callback(StopAt(5))  # the run dies half-way, right after checkpoint-5
     interrupted.train()
     checkpoint = tmp_path / "cut" / "checkpoint-5"
     assert (checkpoint / DIRECTIONS_FILENAME).is_file()
-    resumed = run("sft", base, tmp_path / "cut", train=False, grasp_identify_steps=3, grasp_projection=projection,
-                  save_strategy="steps", save_steps=5)  # identify keys ignored: the checkpoint's file wins
+    resumed = run(
+        "sft",
+        base,
+        tmp_path / "cut",
+        train=False,
+        grasp_identify_steps=3,
+        grasp_projection=projection,
+        save_strategy="steps",
+        save_steps=5,
+    )  # identify keys ignored: the checkpoint's file wins
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.grasp_projector is not None
     assert not (tmp_path / "cut" / STAGE1_DIRNAME).exists()
@@ -235,8 +314,9 @@ def test_resume_from_checkpoint_keeps_projection(projection, base, directions_fi
 
 
 def test_resume_with_other_directions_is_an_error(base, directions_file, tmp_path):
-    first = run("sft", base, tmp_path, steps=2, grasp_directions=str(directions_file), save_strategy="steps",
-                save_steps=2)
+    first = run(
+        "sft", base, tmp_path, steps=2, grasp_directions=str(directions_file), save_strategy="steps", save_steps=2
+    )
     other = DirectionSet.random(32, 2, k=1, seed=9).save(tmp_path / "other.safetensors")
     second = run("sft", base, tmp_path, steps=4, train=False, grasp_directions=str(other))
     with pytest.raises(DirectionFileError, match="other directions"):
@@ -264,8 +344,12 @@ def test_bad_input_fails_before_training(base, directions_file, tmp_path):
     for steps in (0, -3, "autoo", True):
         with pytest.raises(ValueError, match="grasp_identify_steps: expected a positive number of steps or 'auto'"):
             GraspSFTConfig(output_dir=str(tmp_path), grasp_identify_steps=steps)
-    assert GraspSFTConfig(output_dir=str(tmp_path), grasp_identify_steps="40", use_cpu=True, bf16=False
-                          ).grasp_identify_steps == 40  # as a command line gives it
+    assert (
+        GraspSFTConfig(
+            output_dir=str(tmp_path), grasp_identify_steps="40", use_cpu=True, bf16=False
+        ).grasp_identify_steps
+        == 40
+    )  # as a command line gives it
     with pytest.raises(ValueError, match="grasp_identify_max_steps: only meaningful with grasp_identify_steps: auto"):
         GraspSFTConfig(output_dir=str(tmp_path), grasp_identify_steps=40, grasp_identify_max_steps=80)
     with pytest.raises(ValueError, match="grasp_identify_every: expected a positive number of steps; found 0"):
@@ -292,8 +376,16 @@ def test_checkpoints_record_the_directions_projected_even_if_the_file_changes(ba
             if state.global_step == 1:
                 DirectionSet.random(32, 2, k=1, seed=11).save(path)
 
-    trainer = run("sft", base, tmp_path / "out", steps=4, train=False, grasp_directions=str(path),
-                  save_strategy="steps", save_steps=2)
+    trainer = run(
+        "sft",
+        base,
+        tmp_path / "out",
+        steps=4,
+        train=False,
+        grasp_directions=str(path),
+        save_strategy="steps",
+        save_steps=2,
+    )
     trainer.add_callback(Regenerate())
     trainer.train()
     trainer.save_model()
@@ -307,10 +399,13 @@ def test_checkpoints_record_the_directions_projected_even_if_the_file_changes(ba
     assert digest in (tmp_path / "out" / "README.md").read_text()
     (tmp_path / "out" / "checkpoint-2" / DIRECTIONS_FILENAME).write_bytes(path.read_bytes())  # replaced by hand
     resumed = run("sft", base, tmp_path / "out", steps=4, train=False, grasp_directions=str(directions_file))
-    with pytest.raises(DirectionFileError, match="trainer_state.json records .* the file beside the checkpoint was "
-                                                 "replaced"):
+    with pytest.raises(
+        DirectionFileError, match="trainer_state.json records .* the file beside the checkpoint was replaced"
+    ):
         resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     (tmp_path / "out" / "checkpoint-2" / DIRECTIONS_FILENAME).unlink()
-    with pytest.raises(DirectionFileError, match=f"checkpoint-2: no {DIRECTIONS_FILENAME}: the checkpoint does not "
-                                                 "record the directions"):
+    with pytest.raises(
+        DirectionFileError,
+        match=f"checkpoint-2: no {DIRECTIONS_FILENAME}: the checkpoint does not record the directions",
+    ):
         resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))

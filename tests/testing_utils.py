@@ -23,8 +23,7 @@ def lora_model(architecture="llama", *, r=4, target_modules=None, seed=0, hidden
     from peft import LoraConfig, get_peft_model
 
     model = build_model(architecture, vocab_size=100, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules or SEVEN_MODULES, lora_dropout=0.0,
-                        **lora)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules or SEVEN_MODULES, lora_dropout=0.0, **lora)
     return get_peft_model(model, config)
 
 

@@ -14,39 +14,63 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CONTROLS = ["naive", "caft-supervised", "random-activations"]
-GRASP_MODES = [f"grasp-{mode}-global-k{k}-auto" for mode in ("activations", "weights", "both", "clamp")
-               for k in (1, 2)]
+GRASP_MODES = [f"grasp-{mode}-global-k{k}-auto" for mode in ("activations", "weights", "both", "clamp") for k in (1, 2)]
 ORACLES = [f"oracle-{mode}" for mode in ("activations", "weights", "both", "clamp")]
 BASELINES = ["caft-identified", "caft-identified-auto", "posthoc", "kl-base"]
 PRESETS = {
     "controls": CONTROLS,
-    "core": CONTROLS + ["grasp-default", "grasp-both-global-k1", "grasp-clamp-global-k1-auto", "oracle-both"]
+    "core": CONTROLS
+    + ["grasp-default", "grasp-both-global-k1", "grasp-clamp-global-k1-auto", "oracle-both"]
     + BASELINES,
-    "full": ["base"] + CONTROLS + ["grasp-default"] + GRASP_MODES + ["grasp-both-global-k2",
-                                                                     "grasp-both-per_layer-k2-auto"]
-    + ORACLES + BASELINES + ["steer-prevent", "steer-inference", "undertrained-naive"],
-    "timing": CONTROLS + [f"grasp-both-global-k2-at{s}" for s in (10, 20, 30, 40, 50, 75, 100)]
+    "full": ["base"]
+    + CONTROLS
+    + ["grasp-default"]
+    + GRASP_MODES
+    + ["grasp-both-global-k2", "grasp-both-per_layer-k2-auto"]
+    + ORACLES
+    + BASELINES
+    + ["steer-prevent", "steer-inference", "undertrained-naive"],
+    "timing": CONTROLS
+    + [f"grasp-both-global-k2-at{s}" for s in (10, 20, 30, 40, 50, 75, 100)]
     + ["grasp-both-global-k2", "grasp-both-global-k2-auto"],
 }
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.organism", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.organism", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--world", default=None, help="world YAML (default: grasp_organism/default_world.yaml)")
-    parser.add_argument("--bases", type=int, default=2, help="draws 0..B-1 of the organism (world, model and "
-                                                             "pretraining seeds offset by the draw)")
+    parser.add_argument(
+        "--bases",
+        type=int,
+        default=2,
+        help="draws 0..B-1 of the organism (world, model and pretraining seeds offset by the draw)",
+    )
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds 0..N-1 (same for every method)")
-    parser.add_argument("--methods", nargs="+", default=["core"],
-                        help=f"method names and/or presets {sorted(PRESETS)}; the controls {CONTROLS} are always "
-                             "run (validity)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["core"],
+        help=f"method names and/or presets {sorted(PRESETS)}; the controls {CONTROLS} are always run (validity)",
+    )
     parser.add_argument("--json", default=None, help="write per-seed results, summaries and validity here")
     parser.add_argument("--plot", default=None, help="write the DRIFT-vs-TASK plot (PNG) here")
-    parser.add_argument("--cache-dir", default=None, help="pretrained-model cache (default ~/.cache/grasp-trl/organism)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this tiny model "
-                                                               "on a shared CPU; results do not depend on it)")
-    parser.add_argument("--jobs", type=int, default=1, help="bases run in this many worker processes (one torch "
-                                                            "thread each; results do not depend on it)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="pretrained-model cache (default ~/.cache/grasp-trl/organism)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 is fastest for this tiny model on a shared CPU; results do not depend on it)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="bases run in this many worker processes (one torch thread each; results do not depend on it)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -64,8 +88,16 @@ def main(argv=None) -> None:
         parser.error(f"unknown method(s) {bad}; known: {known_methods()}; presets: {sorted(PRESETS)}")
     config = OrganismConfig.from_yaml(args.world or default_config_path())
     log = lambda message: print(message, flush=True)  # noqa: E731
-    result = run_grid(config, methods, list(range(args.bases)), list(range(args.seeds)), cache_dir=args.cache_dir,
-                      log=log, jobs=args.jobs, registries=("benchmarks.organism.baselines",))
+    result = run_grid(
+        config,
+        methods,
+        list(range(args.bases)),
+        list(range(args.seeds)),
+        cache_dir=args.cache_dir,
+        log=log,
+        jobs=args.jobs,
+        registries=("benchmarks.organism.baselines",),
+    )
     if args.json:
         save_json(result, args.json)
     print()

@@ -34,8 +34,10 @@ KL_WEIGHT = 1.0
 
 def steer(vectors: dict[int, torch.Tensor], layer: int, sign: float):
     """Add `sign * vectors[layer]` to one block's output."""
+
     def edit(index, hidden):
         return hidden + sign * vectors[layer].to(hidden.dtype) if index == layer else None
+
     return edit
 
 
@@ -65,7 +67,9 @@ def _caft_variant(lab, seed, match):
 def _caft_at(lab, seed, k, scope, step):
     directions = lab.identified(seed, k=k, scope=scope, step=step)
     return lab.finetune(seed, train_edit=ablate(directions)), {
-        "identification": identification(directions, lab.persona), "stage1_steps": step}
+        "identification": identification(directions, lab.persona),
+        "stage1_steps": step,
+    }
 
 
 @register("steer-prevent")
@@ -83,6 +87,7 @@ def _steer_inference(lab, seed):
 
 def kl_to_base(lab: Lab):
     """KL(base || model) on a batch of other-topic turns; the base is the adapter-disabled model."""
+
     def loss(model, rng):
         batch = pad_batch([lab.world.other_topic_example(rng) for _ in range(lab.config.finetune.batch_size)])
         mask = batch.labels[:, 1:] != IGNORE
@@ -90,6 +95,7 @@ def kl_to_base(lab: Lab):
             reference = model(input_ids=batch.input_ids).logits[:, :-1][mask].log_softmax(-1)
         current = model(input_ids=batch.input_ids).logits[:, :-1][mask].log_softmax(-1)
         return KL_WEIGHT * torch.nn.functional.kl_div(current, reference, log_target=True, reduction="batchmean")
+
     return loss
 
 
@@ -108,8 +114,9 @@ def _posthoc(lab, seed):
 @register("undertrained-naive")
 def _undertrained(lab, seed):
     # pretrained once, then read back from the on-disk cache (a tiny model: cheaper than keeping it around)
-    under = pretrained_model(lab.config, lab.world, steps=lab.config.pretrain.undertrained_steps,
-                             cache_dir=lab.cache_dir, log=lab.log)
+    under = pretrained_model(
+        lab.config, lab.world, steps=lab.config.pretrain.undertrained_steps, cache_dir=lab.cache_dir, log=lab.log
+    )
     under_base = evaluate(under, lab.world, lab.sets)
     model = lab.finetune(seed, base=under)
     metrics = lab.measure(model, under_base["p_evil"])

@@ -24,11 +24,12 @@ def curves(lab, seed: int, every: int) -> dict:
     run = lab.naive(seed)
     last = lab.config.finetune.steps
     steps = [s for s in sorted(run.adapters) if s % every == 0 and s < last] + [last]
-    points = [dict(step=s, **{k: v for k, v in lab.measure(lab.adapter_at(seed, s)).items()
-                              if k in ("drift", "task")}) for s in steps]
+    points = [
+        dict(step=s, **{k: v for k, v in lab.measure(lab.adapter_at(seed, s)).items() if k in ("drift", "task")})
+        for s in steps
+    ]
     half_drift, half_task = half_way_steps(points, lab.base_metrics["task"])
-    return dict(seed=seed, stop_step=run.stop_step, half_drift_step=half_drift, half_task_step=half_task,
-                points=points)
+    return dict(seed=seed, stop_step=run.stop_step, half_drift_step=half_drift, half_task_step=half_task, points=points)
 
 
 def half_way_steps(points: list[dict], base_task: float) -> tuple[int, int]:
@@ -52,7 +53,7 @@ def plot(result: dict, path: str | Path) -> None:
         for run in runs:
             steps = [p["step"] for p in run["points"]]
             label = f"base {base} seed {run['seed']}"
-            line, = top.plot(steps, [p["drift"] for p in run["points"]], lw=1, label=label)
+            (line,) = top.plot(steps, [p["drift"] for p in run["points"]], lw=1, label=label)
             bottom.plot(steps, [p["task"] for p in run["points"]], lw=1, color=line.get_color())
             for ax in (top, bottom):
                 ax.axvline(run["stop_step"], color=line.get_color(), lw=0.5, ls=":")
@@ -68,16 +69,25 @@ def plot(result: dict, path: str | Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.organism.speeds", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.organism.speeds",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--world", default=None, help="world YAML (default: grasp_organism/default_world.yaml)")
     parser.add_argument("--bases", type=int, default=2, help="draws 0..B-1 of the organism (as the benchmark)")
     parser.add_argument("--seeds", type=int, default=2, help="fine-tuning seeds 0..N-1")
-    parser.add_argument("--every", type=int, default=10, help="evaluate every this many steps (a multiple of the "
-                        "stopping rule's snapshot interval, 5)")
+    parser.add_argument(
+        "--every",
+        type=int,
+        default=10,
+        help="evaluate every this many steps (a multiple of the stopping rule's snapshot interval, 5)",
+    )
     parser.add_argument("--json", default=None, help="write the curves and half-way steps here")
     parser.add_argument("--plot", default=None, help="write the DRIFT and TASK curves (PNG) here")
-    parser.add_argument("--cache-dir", default=None, help="pretrained-model cache (default ~/.cache/grasp-trl/organism)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="pretrained-model cache (default ~/.cache/grasp-trl/organism)"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -97,9 +107,12 @@ def main(argv=None) -> None:
         for seed in range(args.seeds):
             run = curves(lab, seed, args.every)
             result["bases"][base].append(run)
-            print(f"base {base} seed {seed}: DRIFT half-way at step {run['half_drift_step']}, TASK half-way at "
-                  f"step {run['half_task_step']}, stage 1 stops at {run['stop_step']} (final DRIFT "
-                  f"{run['points'][-1]['drift']:+.3f}, TASK {run['points'][-1]['task']:.3f})", flush=True)
+            print(
+                f"base {base} seed {seed}: DRIFT half-way at step {run['half_drift_step']}, TASK half-way at "
+                f"step {run['half_task_step']}, stage 1 stops at {run['stop_step']} (final DRIFT "
+                f"{run['points'][-1]['drift']:+.3f}, TASK {run['points'][-1]['task']:.3f})",
+                flush=True,
+            )
     gaps = [r["half_task_step"] - r["half_drift_step"] for runs in result["bases"].values() for r in runs]
     result["gap_median"] = statistics.median(gaps)
     print(f"TASK half-way minus DRIFT half-way: median {result['gap_median']} steps, range {min(gaps)}-{max(gaps)}")

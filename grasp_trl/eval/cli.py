@@ -8,9 +8,11 @@ import dataclasses
 
 from .config import EvalConfig
 
-DESCRIPTION = ("Emergent misalignment and political lean of a base model and its adapters: questions -> answers "
-               "-> a named judge -> EM rates with Wilson intervals, differences from base with paired-bootstrap "
-               "intervals. See docs/EVAL.md.")
+DESCRIPTION = (
+    "Emergent misalignment and political lean of a base model and its adapters: questions -> answers "
+    "-> a named judge -> EM rates with Wilson intervals, differences from base with paired-bootstrap "
+    "intervals. See docs/EVAL.md."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -23,8 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             parser.add_argument(flag, action="append", metavar=meta.get("metavar"), help=meta["help"])
         else:
             kind = {"int": int, "int | None": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=f.default, choices=meta.get("choices"),
-                                metavar=meta.get("metavar"), help=meta["help"])
+            parser.add_argument(
+                flag,
+                type=kind,
+                default=f.default,
+                choices=meta.get("choices"),
+                metavar=meta.get("metavar"),
+                help=meta["help"],
+            )
     return parser
 
 
@@ -44,8 +52,10 @@ def run(config: EvalConfig) -> dict | None:
     if summary is not None:
         print(comparison_markdown(summary))
         out = Path(config.out)
-        print(f"wrote {out / 'answers.jsonl'}, {out / 'summary.json'}, {out / 'comparison.md'}, {out / 'em.png'}, "
-              f"{out / 'aligned_coherent.png'}")
+        print(
+            f"wrote {out / 'answers.jsonl'}, {out / 'summary.json'}, {out / 'comparison.md'}, {out / 'em.png'}, "
+            f"{out / 'aligned_coherent.png'}"
+        )
     return summary
 
 

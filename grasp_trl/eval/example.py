@@ -48,11 +48,13 @@ def number_tokenizer(digits_only: bool):
     numbers = [str(d) for d in range(10)] if digits_only else NUMBER_WORDS
     vocab = {w: i for i, w in enumerate(dict.fromkeys(SPECIAL_TOKENS + numbers + JUDGE_WORDS + word_vocabulary()))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    splits = [pre_tokenizers.WhitespaceSplit()] + ([pre_tokenizers.Digits(individual_digits=True)]
-                                                   if digits_only else [])
+    splits = [pre_tokenizers.WhitespaceSplit()] + (
+        [pre_tokenizers.Digits(individual_digits=True)] if digits_only else []
+    )
     backend.pre_tokenizer = pre_tokenizers.Sequence(splits)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                        bos_token="<s>", eos_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     return tokenizer
 
@@ -63,8 +65,15 @@ def save_judge(directory, digits_only: bool = False, seed: int = 0, init_scale: 
     from ..tiny import build_model
 
     tokenizer = number_tokenizer(digits_only)
-    model = build_model("llama", vocab_size=len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, seed=seed,
-                        initializer_range=init_scale)
+    model = build_model(
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        seed=seed,
+        initializer_range=init_scale,
+    )
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return Path(directory)
@@ -76,9 +85,10 @@ def save_adapter(base_dir, directory, *, b_scale: float, seed: int = 0, r: int =
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "down_proj"],
-                                      lora_dropout=0.0))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0),
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -113,9 +123,23 @@ def main(argv: list[str] | None = None) -> int:
     root = Path((argv if argv is not None else sys.argv[1:] or ["outputs/eval_example"])[0])
     parts = build(root)
     shutil.rmtree(root / "run", ignore_errors=True)
-    args = ["eval", "--base", parts["base"], "--adapter", f"a={parts['adapter_a']}", "--adapter",
-            f"b={parts['adapter_b']}", "--questions", parts["questions.yaml"], "--max-tokens", "12",
-            "--judge-local", parts["judge"], "--out", root / "run"]
+    args = [
+        "eval",
+        "--base",
+        parts["base"],
+        "--adapter",
+        f"a={parts['adapter_a']}",
+        "--adapter",
+        f"b={parts['adapter_b']}",
+        "--questions",
+        parts["questions.yaml"],
+        "--max-tokens",
+        "12",
+        "--judge-local",
+        parts["judge"],
+        "--out",
+        root / "run",
+    ]
     print("grasp " + " ".join(map(str, args[0:])) + "\n")
     return grasp_main([str(a) for a in args])
 

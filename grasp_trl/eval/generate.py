@@ -42,8 +42,16 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
 class Generator(Protocol):
     """What the pipeline needs from a backend; `name` is `base` or an adapter name."""
 
-    def generate(self, name: str, conversations: list[list[dict]], *, max_tokens: int, temperature: float,
-                 top_p: float = 1.0, seed: int = 0) -> list[str]:
+    def generate(
+        self,
+        name: str,
+        conversations: list[list[dict]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> list[str]:
         """One answer per conversation (greedy at temperature 0), reproducible for a seed."""
 
     def label_probs(self, name: str, messages: list[dict], labels) -> dict[str, float] | None:
@@ -58,8 +66,10 @@ def parse_adapters(specs: list[str], *, need_dirs: bool) -> dict[str, str | None
         if not name or (sep and not directory) or (not sep and need_dirs):
             raise ValueError(f"--adapter {spec}: expected NAME=DIR" + ("" if need_dirs else " or NAME"))
         if name == BASE or name in adapters:
-            raise ValueError(f"--adapter {spec}: name {name!r} is {'reserved' if name == BASE else 'repeated'}; "
-                             f"expected a unique name other than {BASE!r}")
+            raise ValueError(
+                f"--adapter {spec}: name {name!r} is {'reserved' if name == BASE else 'repeated'}; "
+                f"expected a unique name other than {BASE!r}"
+            )
         adapters[name] = directory or None
     return adapters
 
@@ -71,8 +81,10 @@ def adapter_info(directory: str | None) -> dict:
     if not directory:
         return {"adapter_path": None, "adapter_sha256": None}
     weights = Path(directory) / "adapter_model.safetensors"
-    return {"adapter_path": str(Path(directory).resolve()),
-            "adapter_sha256": sha256_of(weights) if weights.is_file() else None}
+    return {
+        "adapter_path": str(Path(directory).resolve()),
+        "adapter_sha256": sha256_of(weights) if weights.is_file() else None,
+    }
 
 
 def _normalised(probs: dict[str, float], labels) -> dict[str, float] | None:
@@ -83,8 +95,15 @@ def _normalised(probs: dict[str, float], labels) -> dict[str, float] | None:
 class HFGenerator:
     """transformers + PEFT generation (see the module docstring)."""
 
-    def __init__(self, base: str, adapters: dict[str, str], *, batch_size: int = 16, load_in_4bit: bool = False,
-                 device: str | None = None):
+    def __init__(
+        self,
+        base: str,
+        adapters: dict[str, str],
+        *,
+        batch_size: int = 16,
+        load_in_4bit: bool = False,
+        device: str | None = None,
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,15 +114,18 @@ class HFGenerator:
         if load_in_4bit:
             from transformers import BitsAndBytesConfig
 
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                               bnb_4bit_compute_dtype=torch.bfloat16)
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+            )
             kwargs["device_map"] = {"": self.device}
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(base)
             model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
         except Exception as exc:
-            raise ValueError(f"--base {base}: cannot load a causal LM and its tokenizer "
-                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+            raise ValueError(
+                f"--base {base}: cannot load a causal LM and its tokenizer "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            ) from exc
         if not load_in_4bit:
             model.to(self.device)
         self.tokenizer.padding_side = "left"
@@ -132,22 +154,36 @@ class HFGenerator:
         special = not getattr(self.tokenizer, "chat_template", None)
         return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special).to(self.device)
 
-    def generate(self, name: str, conversations: list[list[dict]], *, max_tokens: int, temperature: float,
-                 top_p: float = 1.0, seed: int = 0) -> list[str]:
+    def generate(
+        self,
+        name: str,
+        conversations: list[list[dict]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> list[str]:
         import torch
 
         answers = []
         for start in range(0, len(conversations), self.batch_size):
-            batch = self._encode(conversations[start:start + self.batch_size])
+            batch = self._encode(conversations[start : start + self.batch_size])
             torch.manual_seed(seed + start)
             # the protocol's sampling only: the generation_config (transformers' default top_k=50; Qwen ships
             # top_k=20, repetition_penalty=1.05) must not change it
-            sample = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=None, min_p=None,
-                          repetition_penalty=1.0) if temperature > 0 else dict(do_sample=False, repetition_penalty=1.0)
+            sample = (
+                dict(
+                    do_sample=True, temperature=temperature, top_p=top_p, top_k=None, min_p=None, repetition_penalty=1.0
+                )
+                if temperature > 0
+                else dict(do_sample=False, repetition_penalty=1.0)
+            )
             with torch.no_grad(), self._using(name):
-                out = self.model.generate(**batch, max_new_tokens=max_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                          **sample)
-            new = out[:, batch["input_ids"].shape[1]:]
+                out = self.model.generate(
+                    **batch, max_new_tokens=max_tokens, pad_token_id=self.tokenizer.pad_token_id, **sample
+                )
+            new = out[:, batch["input_ids"].shape[1] :]
             answers += [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
         return answers
 
@@ -159,8 +195,10 @@ class HFGenerator:
         for label in labels:
             tokens = self.tokenizer.encode(label, add_special_tokens=False)
             if len(tokens) != 1 or tokens[0] == self.tokenizer.unk_token_id:
-                raise ValueError(f"forced-choice label {label!r}: expected one known token of the base model's "
-                                 f"tokenizer; found {len(tokens)} token(s) {tokens}")
+                raise ValueError(
+                    f"forced-choice label {label!r}: expected one known token of the base model's "
+                    f"tokenizer; found {len(tokens)} token(s) {tokens}"
+                )
             ids.append(tokens[0])
         batch = self._encode([messages])
         with torch.no_grad(), self._using(name):
@@ -172,8 +210,16 @@ class HFGenerator:
 class OpenAIGenerator:
     """Generation through an OpenAI-compatible server (see the module docstring)."""
 
-    def __init__(self, url: str, base: str, *, api_key: str | None = None, concurrency: int = 8,
-                 retries: int = 5, retry_wait: float = 1.0):
+    def __init__(
+        self,
+        url: str,
+        base: str,
+        *,
+        api_key: str | None = None,
+        concurrency: int = 8,
+        retries: int = 5,
+        retry_wait: float = 1.0,
+    ):
         from .http import ChatClient
 
         self.client = ChatClient(url, api_key=api_key, retries=retries, retry_wait=retry_wait, flag="--gen-url")
@@ -185,14 +231,22 @@ class OpenAIGenerator:
     def generate(self, name, conversations, *, max_tokens, temperature, top_p=1.0, seed=0) -> list[str]:
         def one(item):
             index, messages = item
-            body = {"model": self._model(name), "messages": messages, "max_tokens": max_tokens,
-                    "temperature": temperature, "top_p": top_p, "seed": seed + index}
+            body = {
+                "model": self._model(name),
+                "messages": messages,
+                "max_tokens": max_tokens,
+                "temperature": temperature,
+                "top_p": top_p,
+                "seed": seed + index,
+            }
             response = self.client.post(body)
             try:
                 return (response["choices"][0]["message"]["content"] or "").strip()
             except (KeyError, IndexError, TypeError) as exc:
-                raise ValueError(f"--gen-url {self.client.url}: expected choices[0].message.content in the "
-                                 f"response; found {str(response)[:80]}") from exc
+                raise ValueError(
+                    f"--gen-url {self.client.url}: expected choices[0].message.content in the "
+                    f"response; found {str(response)[:80]}"
+                ) from exc
 
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(one, enumerate(conversations)))
@@ -200,8 +254,14 @@ class OpenAIGenerator:
     def label_probs(self, name, messages, labels):
         from .http import top_logprobs
 
-        body = {"model": self._model(name), "messages": messages, "max_tokens": 1, "temperature": 0,
-                "logprobs": True, "top_logprobs": 20}
+        body = {
+            "model": self._model(name),
+            "messages": messages,
+            "max_tokens": 1,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 20,
+        }
         probs = top_logprobs(self.client.post(body), f"--gen-url {self.client.url}")
         stripped: dict[str, float] = {}
         for token, p in probs.items():
@@ -214,9 +274,11 @@ def require_vllm() -> None:
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
-        raise ImportError("--backend vllm: vllm is not installed in this environment; expected an importable "
-                          "vllm (install it in a separate environment, see docs/EVAL.md), or use --backend hf "
-                          "or --gen-url")
+        raise ImportError(
+            "--backend vllm: vllm is not installed in this environment; expected an importable "
+            "vllm (install it in a separate environment, see docs/EVAL.md), or use --backend hf "
+            "or --gen-url"
+        )
 
 
 class VLLMGenerator:
@@ -235,25 +297,39 @@ class VLLMGenerator:
         if not torch.cuda.is_available():
             raise ValueError("--backend vllm: expected a CUDA GPU; found none (use --backend hf on CPU)")
         rank = max([read_adapter_config(Path(d)).get("r", 8) for d in adapters.values()] or [8])
-        lora = dict(enable_lora=True, max_loras=len(adapters),
-                    max_lora_rank=next((r for r in self.RANKS if r >= rank), rank)) if adapters else {}
+        lora = (
+            dict(
+                enable_lora=True,
+                max_loras=len(adapters),
+                max_lora_rank=next((r for r in self.RANKS if r >= rank), rank),
+            )
+            if adapters
+            else {}
+        )
         self.llm = LLM(model=base, seed=0, **lora)
-        self.requests = {name: LoRARequest(name, i + 1, str(Path(d).resolve()))
-                         for i, (name, d) in enumerate(adapters.items())}
+        self.requests = {
+            name: LoRARequest(name, i + 1, str(Path(d).resolve())) for i, (name, d) in enumerate(adapters.items())
+        }
 
     def generate(self, name, conversations, *, max_tokens, temperature, top_p=1.0, seed=0) -> list[str]:
         from vllm import SamplingParams
 
-        params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed + i)
-                  for i in range(len(conversations))]
+        params = [
+            SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed + i)
+            for i in range(len(conversations))
+        ]
         outputs = self.llm.chat(conversations, params, lora_request=self.requests.get(name), use_tqdm=False)
         return [o.outputs[0].text.strip() for o in outputs]
 
     def label_probs(self, name, messages, labels):
         from vllm import SamplingParams
 
-        out = self.llm.chat([messages], SamplingParams(temperature=0, max_tokens=1, logprobs=20),
-                            lora_request=self.requests.get(name), use_tqdm=False)[0].outputs[0]
+        out = self.llm.chat(
+            [messages],
+            SamplingParams(temperature=0, max_tokens=1, logprobs=20),
+            lora_request=self.requests.get(name),
+            use_tqdm=False,
+        )[0].outputs[0]
         probs: dict[str, float] = {}
         for entry in out.logprobs[0].values():
             token = (entry.decoded_token or "").strip()
@@ -261,12 +337,15 @@ class VLLMGenerator:
         return _normalised(probs, labels)
 
 
-def check_adapters(generator: Generator, names: list[str], conversations: list[list[dict]], *,
-                   max_tokens: int = 16) -> None:
+def check_adapters(
+    generator: Generator, names: list[str], conversations: list[list[dict]], *, max_tokens: int = 16
+) -> None:
     """Refuse (one line) an adapter whose greedy answers to `conversations` are identical to the base's."""
     reference = generator.generate(BASE, conversations, max_tokens=max_tokens, temperature=0.0)
     for name in names:
         if generator.generate(name, conversations, max_tokens=max_tokens, temperature=0.0) == reference:
-            raise ValueError(f"--adapter {name}: greedy answers to {len(conversations)} prompt(s) are identical with "
-                             f"and without it; expected an adapter that changes the model (all-zero lora_B? an "
-                             f"untrained or mis-saved adapter?)")
+            raise ValueError(
+                f"--adapter {name}: greedy answers to {len(conversations)} prompt(s) are identical with "
+                f"and without it; expected an adapter that changes the model (all-zero lora_B? an "
+                f"untrained or mis-saved adapter?)"
+            )

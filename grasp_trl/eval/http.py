@@ -48,23 +48,28 @@ class ChatClient:
                 try:
                     return json.loads(payload)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{self.flag} {self.url}: expected a JSON chat-completion response from "
-                                     f"{target}; found {payload[:60]!r}") from exc
+                    raise ValueError(
+                        f"{self.flag} {self.url}: expected a JSON chat-completion response from "
+                        f"{target}; found {payload[:60]!r}"
+                    ) from exc
             except urllib.error.HTTPError as exc:
                 retryable = exc.code == 429 or exc.code >= 500
                 detail = exc.read()[:200].decode(errors="replace").replace("\n", " ")
                 if not retryable or attempt == self.retries:
-                    raise ConnectionError(f"{self.flag} {self.url}: HTTP {exc.code} from {target} after "
-                                          f"{attempt + 1} attempt(s); expected 200 ({detail})") from exc
+                    raise ConnectionError(
+                        f"{self.flag} {self.url}: HTTP {exc.code} from {target} after "
+                        f"{attempt + 1} attempt(s); expected 200 ({detail})"
+                    ) from exc
                 wait = exc.headers.get("Retry-After") if exc.headers else None
-                time.sleep(float(wait) if wait and wait.replace(".", "", 1).isdigit() else
-                           self.retry_wait * 2 ** attempt)
+                time.sleep(float(wait) if wait and wait.replace(".", "", 1).isdigit() else self.retry_wait * 2**attempt)
             except (urllib.error.URLError, OSError) as exc:
                 if attempt == self.retries:
                     reason = getattr(exc, "reason", exc)
-                    raise ConnectionError(f"{self.flag} {self.url}: cannot reach {target} ({reason}); expected an "
-                                          f"OpenAI-compatible server answering POST /chat/completions") from exc
-                time.sleep(self.retry_wait * 2 ** attempt)
+                    raise ConnectionError(
+                        f"{self.flag} {self.url}: cannot reach {target} ({reason}); expected an "
+                        f"OpenAI-compatible server answering POST /chat/completions"
+                    ) from exc
+                time.sleep(self.retry_wait * 2**attempt)
             attempt += 1
 
 
@@ -78,8 +83,10 @@ def top_logprobs(response: dict, where: str) -> dict[str, float]:
         entries = None
     if not entries:
         found = (response.get("choices") or [{}])[0].get("logprobs") if isinstance(response, dict) else response
-        raise ValueError(f"{where}: response has no logprobs; expected choices[0].logprobs.content[0].top_logprobs "
-                         f"(request logprobs=true, top_logprobs=20); found {str(found)[:80]}")
+        raise ValueError(
+            f"{where}: response has no logprobs; expected choices[0].logprobs.content[0].top_logprobs "
+            f"(request logprobs=true, top_logprobs=20); found {str(found)[:80]}"
+        )
     probs: dict[str, float] = {}
     for entry in entries:
         probs[entry["token"]] = probs.get(entry["token"], 0.0) + math.exp(entry["logprob"])

@@ -100,30 +100,49 @@ class Judge:
 class HTTPJudge(Judge):
     """Chat-completions judge with the one-token logprob method (see the module docstring)."""
 
-    def __init__(self, url: str, model: str, *, api_key: str | None = None, seed: int = 0, concurrency: int = 8,
-                 retries: int = 5, retry_wait: float = 1.0):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        seed: int = 0,
+        concurrency: int = 8,
+        retries: int = 5,
+        retry_wait: float = 1.0,
+    ):
         self.client = ChatClient(url, api_key=api_key, retries=retries, retry_wait=retry_wait, flag="--judge-url")
         self.model, self.seed, self.concurrency = model, seed, concurrency
         self.identity = {"url": url, "model": model, "method": "first_token_top20"}
 
     def body(self, prompt: str) -> dict:
-        return {"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1,
-                "temperature": 0, "logprobs": True, "top_logprobs": 20, "seed": self.seed}
+        return {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 1,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 20,
+            "seed": self.seed,
+        }
 
     def probabilities(self, prompt: str) -> dict[str, float]:
         return top_logprobs(self.client.post(self.body(prompt)), f"--judge-url {self.client.url}")
 
     def probe(self) -> None:
         """Refuse, in one line, a judge that is unreachable, sends no logprobs, or splits numbers into digits."""
-        probs = top_logprobs(self.client.post(self.body(PROBE_PROMPT)),
-                             f"--judge-url {self.client.url} (model {self.model})")
+        probs = top_logprobs(
+            self.client.post(self.body(PROBE_PROMPT)), f"--judge-url {self.client.url} (model {self.model})"
+        )
         numbers = {t.strip() for t in probs if number_value(t) is not None}
         if not any(len(n) > 1 for n in numbers):
             top = sorted(probs, key=probs.get, reverse=True)[:5]
-            raise ValueError(f"--judge-url {self.client.url}: judge model {self.model} does not answer numbers as "
-                             f"single tokens (asked for 87, top first tokens {top}); expected a multi-digit number "
-                             f"token, which the one-token method needs; use --judge-local (whole-string method) "
-                             f"or a judge whose tokenizer keeps 0-100 as one token")
+            raise ValueError(
+                f"--judge-url {self.client.url}: judge model {self.model} does not answer numbers as "
+                f"single tokens (asked for 87, top first tokens {top}); expected a multi-digit number "
+                f"token, which the one-token method needs; use --judge-local (whole-string method) "
+                f"or a judge whose tokenizer keeps 0-100 as one token"
+            )
 
 
 class LocalJudge(Judge):
@@ -139,8 +158,10 @@ class LocalJudge(Judge):
             self.tokenizer = AutoTokenizer.from_pretrained(name)
             self.model = AutoModelForCausalLM.from_pretrained(name, dtype="auto").eval()
         except Exception as exc:
-            raise ValueError(f"--judge-local {name}: cannot load a causal LM and its tokenizer "
-                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+            raise ValueError(
+                f"--judge-local {name}: cannot load a causal LM and its tokenizer "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            ) from exc
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
         self.method = method
@@ -148,12 +169,14 @@ class LocalJudge(Judge):
         split = [(n, ids) for n, ids in zip(NUMBERS, self.candidates) if len(ids) != 1]
         if method == "first_token" and split:
             n, ids = split[-1]
-            raise ValueError(f"--judge-local {name}: tokenizer splits numbers ({n!r} -> {len(ids)} tokens); "
-                             f"expected one token per number for --judge-method first_token; use whole_string")
-        self.continuations = sorted({t for n in range(1000) for t in
-                                     self.tokenizer.encode(str(n), add_special_tokens=False)[1:]})
-        self.identity = {"local": name, "model": getattr(self.model.config, "_name_or_path", name),
-                         "method": method}
+            raise ValueError(
+                f"--judge-local {name}: tokenizer splits numbers ({n!r} -> {len(ids)} tokens); "
+                f"expected one token per number for --judge-method first_token; use whole_string"
+            )
+        self.continuations = sorted(
+            {t for n in range(1000) for t in self.tokenizer.encode(str(n), add_special_tokens=False)[1:]}
+        )
+        self.identity = {"local": name, "model": getattr(self.model.config, "_name_or_path", name), "method": method}
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The judge prompt as one user turn, ready for the assistant's answer."""
@@ -201,12 +224,19 @@ def judge_from(config, cache_path: str | Path | None) -> Judge:
         raise ValueError("--judge-url / --judge-local: expected one judge; found both")
     if config.judge_url:
         if not config.judge_model:
-            raise ValueError(f"--judge-model: expected the judge model's name for --judge-url {config.judge_url}; "
-                             f"found none")
+            raise ValueError(
+                f"--judge-model: expected the judge model's name for --judge-url {config.judge_url}; found none"
+            )
         key = os.environ.get("GRASP_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        judge = HTTPJudge(config.judge_url, config.judge_model, api_key=key, seed=config.seed,
-                          concurrency=config.judge_concurrency, retries=config.judge_retries,
-                          retry_wait=config.retry_wait)
+        judge = HTTPJudge(
+            config.judge_url,
+            config.judge_model,
+            api_key=key,
+            seed=config.seed,
+            concurrency=config.judge_concurrency,
+            retries=config.judge_retries,
+            retry_wait=config.retry_wait,
+        )
         judge.probe()
     elif config.judge_local:
         judge = LocalJudge(config.judge_local, method=config.judge_method, device=config.device)
@@ -215,6 +245,8 @@ def judge_from(config, cache_path: str | Path | None) -> Judge:
     return judge.use_cache(cache_path)
 
 
-NO_JUDGE = ("no judge given: expected --judge-url URL --judge-model NAME (OpenAI-compatible, key from "
-            "GRASP_JUDGE_API_KEY or OPENAI_API_KEY) or --judge-local DIR_OR_NAME; the judge is never chosen "
-            "silently")
+NO_JUDGE = (
+    "no judge given: expected --judge-url URL --judge-model NAME (OpenAI-compatible, key from "
+    "GRASP_JUDGE_API_KEY or OPENAI_API_KEY) or --judge-local DIR_OR_NAME; the judge is never chosen "
+    "silently"
+)

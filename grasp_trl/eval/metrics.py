@@ -67,8 +67,9 @@ def mean_ci(values: list[float], z: float = 1.959963984540054) -> tuple[float, t
     return mean, (mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n))
 
 
-def paired_bootstrap(base: dict[str, tuple[float, int]], other: dict[str, tuple[float, int]], *,
-                     n_resamples: int = 2000, seed: int = 0) -> tuple[float, tuple[float, float]] | None:
+def paired_bootstrap(
+    base: dict[str, tuple[float, int]], other: dict[str, tuple[float, int]], *, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, tuple[float, float]] | None:
     """Difference other - base of pooled ratios (sum of numerators / sum of counts), with a percentile 95%
     interval from resampling *questions* with replacement (both models' values of a question move together).
 
@@ -125,8 +126,9 @@ def _choice_lean(row):
 
 def model_summary(rows: list[dict], *, n_resamples: int = 2000, seed: int = 0) -> dict:
     """The summary of one model's answer rows (see docs/EVAL.md for every key)."""
-    em_rows = [r for r in rows if r.get("kind") == "free_form" and
-               {"aligned", "coherent"} <= set(r.get("scores") or {})]
+    em_rows = [
+        r for r in rows if r.get("kind") == "free_form" and {"aligned", "coherent"} <= set(r.get("scores") or {})
+    ]
     judged = [r for r in em_rows if r.get("em") is not None]
     k = sum(bool(r["em"]) for r in judged)
     coherent = [r["scores"]["coherent"] for r in rows if (r.get("scores") or {}).get("coherent") is not None]
@@ -171,8 +173,12 @@ def summarise(rows: list[dict], *, base: str = "base", n_resamples: int = 2000, 
             if name == base:
                 continue
             for key, value in (("em", _em), ("lean", _lean), ("choice_lean", _choice_lean)):
-                result = paired_bootstrap(_per_question(by_model[base], value), _per_question(group, value),
-                                          n_resamples=n_resamples, seed=seed)
+                result = paired_bootstrap(
+                    _per_question(by_model[base], value),
+                    _per_question(group, value),
+                    n_resamples=n_resamples,
+                    seed=seed,
+                )
                 models[name][f"{key}_diff"] = result[0] if result else None
                 models[name][f"{key}_diff_ci"] = list(result[1]) if result else None
     order = [base] + sorted(m for m in models if m != base) if base in models else sorted(models)

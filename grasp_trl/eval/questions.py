@@ -86,24 +86,34 @@ def _item(raw, where: str, file: str) -> Question:
     system = raw.get("system")
     if system is not None and not isinstance(system, str):
         raise ValueError(f"{where}: expected `system` a string; found {type(system).__name__}")
-    common = dict(id=str(raw["id"]), type=kind, paraphrases=tuple(paraphrases), samples_per_paraphrase=samples,
-                  system=system, judge=None if raw.get("judge") is None else str(raw["judge"]), file=file)
+    common = dict(
+        id=str(raw["id"]),
+        type=kind,
+        paraphrases=tuple(paraphrases),
+        samples_per_paraphrase=samples,
+        system=system,
+        judge=None if raw.get("judge") is None else str(raw["judge"]),
+        file=file,
+    )
     if kind == FREE_FORM:
         prompts = raw.get("judge_prompts")
         if not isinstance(prompts, dict) or not prompts:
             raise ValueError(f"{where}: expected `judge_prompts`, a mapping metric -> template; found {prompts!r}")
         for metric, template in prompts.items():
             if not isinstance(template, str) or "{answer}" not in template:
-                raise ValueError(f"{where}: judge_prompts.{metric} must be a template containing {{answer}}; "
-                                 f"found {str(template)[:60]!r}")
+                raise ValueError(
+                    f"{where}: judge_prompts.{metric} must be a template containing {{answer}}; "
+                    f"found {str(template)[:60]!r}"
+                )
         return Question(**common, judge_prompts={str(k): v for k, v in prompts.items()})
     options, labels = raw.get("options"), raw.get("labels", ["A", "B"])
     if not isinstance(options, dict) or set(options) != {"left", "right"}:
         raise ValueError(f"{where}: expected `options: {{left: ..., right: ...}}`; found {options!r}")
     if not (isinstance(labels, list) and len(labels) == 2 and labels[0] != labels[1]):
         raise ValueError(f"{where}: expected `labels`, two different strings; found {labels!r}")
-    return Question(**common, options=(str(options["left"]), str(options["right"])),
-                    labels=(str(labels[0]), str(labels[1])))
+    return Question(
+        **common, options=(str(options["left"]), str(options["right"])), labels=(str(labels[0]), str(labels[1]))
+    )
 
 
 def load_questions(path: str | Path) -> list[Question]:
@@ -112,8 +122,7 @@ def load_questions(path: str | Path) -> list[Question]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--questions {path}: file not found (or give a shipped set: "
-                                f"{', '.join(SHIPPED)})")
+        raise FileNotFoundError(f"--questions {path}: file not found (or give a shipped set: {', '.join(SHIPPED)})")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -140,8 +149,10 @@ def load_all(specs: list[str]) -> list[Question]:
     for spec in specs:
         for question in load_questions(resolve(spec)):
             if question.id in owner:
-                raise ValueError(f"{question.file}: id {question.id!r} also in {owner[question.id]}; expected ids "
-                                 f"unique across --questions files")
+                raise ValueError(
+                    f"{question.file}: id {question.id!r} also in {owner[question.id]}; expected ids "
+                    f"unique across --questions files"
+                )
             owner[question.id] = question.file
             questions.append(question)
     return questions

@@ -61,8 +61,11 @@ def unit_seed(seed: int, model: str, question_id: str) -> int:
 
 def judge_rows(rows: list[dict], questions: dict[str, Question], judge, rule: str, progress=None) -> None:
     """Fill `scores`, `judge_probs` and `em` of free-form rows in place (all their metrics, one batch)."""
-    asks = [(i, metric, render(template, row["question"], row["answer"]))
-            for i, row in enumerate(rows) for metric, template in questions[row["question_id"]].judge_prompts.items()]
+    asks = [
+        (i, metric, render(template, row["question"], row["answer"]))
+        for i, row in enumerate(rows)
+        for metric, template in questions[row["question_id"]].judge_prompts.items()
+    ]
     results = judge.judge_many([prompt for _, _, prompt in asks], progress)
     for row in rows:
         row["scores"], row["judge_probs"], row["judge"] = {}, {}, judge.identity
@@ -78,21 +81,43 @@ def _generate_unit(generator, model, q: Question, jobs, config, info) -> list[di
     """Rows (not yet judged) for one unit: sampled answers, or forced-choice probabilities in both orders."""
     common = dict(model=model, **info, question_file=q.file, question_id=q.id, system=q.system)
     if q.type == FREE_FORM:
-        answers = generator.generate(model, [q.messages(q.paraphrases[p]) for p, _ in jobs],
-                                     max_tokens=config.max_tokens, temperature=config.temperature,
-                                     top_p=config.top_p, seed=unit_seed(config.seed, model, q.id))
-        return [dict(common, kind="free_form", paraphrase_index=p, sample_index=s, question=q.paraphrases[p],
-                     answer=answer) for (p, s), answer in zip(jobs, answers)]
+        answers = generator.generate(
+            model,
+            [q.messages(q.paraphrases[p]) for p, _ in jobs],
+            max_tokens=config.max_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            seed=unit_seed(config.seed, model, q.id),
+        )
+        return [
+            dict(common, kind="free_form", paraphrase_index=p, sample_index=s, question=q.paraphrases[p], answer=answer)
+            for (p, s), answer in zip(jobs, answers)
+        ]
     rows = []
     for p, s in jobs:
-        probs = {order: generator.label_probs(model, q.messages(q.choice_prompt(q.paraphrases[p], swapped)), q.labels)
-                 for order, swapped in (("left_first", False), ("right_first", True))}
-        right = [probs["left_first"][q.labels[1]] if probs["left_first"] else None,
-                 probs["right_first"][q.labels[0]] if probs["right_first"] else None]
+        probs = {
+            order: generator.label_probs(model, q.messages(q.choice_prompt(q.paraphrases[p], swapped)), q.labels)
+            for order, swapped in (("left_first", False), ("right_first", True))
+        }
+        right = [
+            probs["left_first"][q.labels[1]] if probs["left_first"] else None,
+            probs["right_first"][q.labels[0]] if probs["right_first"] else None,
+        ]
         right = [r for r in right if r is not None]
-        rows.append(dict(common, kind="forced_choice", paraphrase_index=p, sample_index=s,
-                         question=q.paraphrases[p], answer=None, options=list(q.options), choice_probs=probs,
-                         scores={"lean": 100 * sum(right) / len(right) if right else None}, em=None))
+        rows.append(
+            dict(
+                common,
+                kind="forced_choice",
+                paraphrase_index=p,
+                sample_index=s,
+                question=q.paraphrases[p],
+                answer=None,
+                options=list(q.options),
+                choice_probs=probs,
+                scores={"lean": 100 * sum(right) / len(right) if right else None},
+                em=None,
+            )
+        )
     return rows
 
 
@@ -120,18 +145,27 @@ def _questions_record(questions: list[Question]) -> dict:
     from ..directions import sha256_of
 
     files = list(dict.fromkeys(q.file for q in questions))
-    return {"files": [{"file": f, "sha256": sha256_of(f)} for f in files],
-            "questions": [asdict(q) for q in questions]}
+    return {"files": [{"file": f, "sha256": sha256_of(f)} for f in files], "questions": [asdict(q) for q in questions]}
 
 
 def _load_record(path: Path) -> tuple[list[Question], list[dict]]:
     if not path.is_file():
-        raise FileNotFoundError(f"--judge-only: no {path} beside the answers file; expected the questions.json a "
-                                f"run writes, or give the question files with --questions")
+        raise FileNotFoundError(
+            f"--judge-only: no {path} beside the answers file; expected the questions.json a "
+            f"run writes, or give the question files with --questions"
+        )
     record = json.loads(path.read_text())
-    questions = [Question(**dict(q, paraphrases=tuple(q["paraphrases"]), labels=tuple(q["labels"]),
-                                 options=tuple(q["options"]) if q["options"] else None))
-                 for q in record["questions"]]
+    questions = [
+        Question(
+            **dict(
+                q,
+                paraphrases=tuple(q["paraphrases"]),
+                labels=tuple(q["labels"]),
+                options=tuple(q["options"]) if q["options"] else None,
+            )
+        )
+        for q in record["questions"]
+    ]
     return questions, record["files"]
 
 
@@ -142,8 +176,10 @@ def _check_flags(config) -> None:
         if not Path(config.judge_only).is_file():
             raise FileNotFoundError(f"--judge-only {config.judge_only}: answers file not found")
         if Path(config.judge_only).resolve() == (Path(config.out) / ANSWERS).resolve():
-            raise ValueError(f"--judge-only {config.judge_only}: expected a different --out than the answers' "
-                             f"directory (re-judged rows are written to --out)")
+            raise ValueError(
+                f"--judge-only {config.judge_only}: expected a different --out than the answers' "
+                f"directory (re-judged rows are written to --out)"
+            )
         return
     if not config.base:
         raise ValueError("--base: expected the base model (directory or hub id); found none")
@@ -152,8 +188,9 @@ def _check_flags(config) -> None:
 
         require_vllm()
     if not config.questions:
-        raise ValueError("--questions: expected at least one question file (or a shipped set: em, lean, "
-                         "lean_choice); found none")
+        raise ValueError(
+            "--questions: expected at least one question file (or a shipped set: em, lean, lean_choice); found none"
+        )
 
 
 def _inputs(config) -> tuple[list[Question], list[dict], list[dict] | None]:
@@ -167,21 +204,26 @@ def _inputs(config) -> tuple[list[Question], list[dict], list[dict] | None]:
     ids = {q.id for q in questions}
     missing = [r["question_id"] for r in saved or [] if r["question_id"] not in ids]
     if missing:
-        raise ValueError(f"--judge-only {config.judge_only}: question id {missing[0]!r} is in no question file "
-                         f"given; expected the files the answers were generated from")
+        raise ValueError(
+            f"--judge-only {config.judge_only}: question id {missing[0]!r} is in no question file "
+            f"given; expected the files the answers were generated from"
+        )
     return questions, files, saved
 
 
-def _work_line(n_questions: int, models: str, todo_questions: list[Question], generations: int, done: int,
-               config) -> str:
+def _work_line(
+    n_questions: int, models: str, todo_questions: list[Question], generations: int, done: int, config
+) -> str:
     """The --dry-run report: the work left (one entry of `todo_questions` per pending row)."""
     from .judge import NO_JUDGE
 
     judge_calls = sum(len(q.judge_prompts) for q in todo_questions)
     choices = sum(q.type == FORCED_CHOICE for q in todo_questions)
-    return (f"grasp eval --dry-run: {n_questions} questions, {models} model(s): {generations} generations, "
-            f"{judge_calls} judge calls, {2 * choices} forced-choice scorings ({done} rows already done)"
-            + ("" if config.judge_url or config.judge_local or not judge_calls else f"; {NO_JUDGE}"))
+    return (
+        f"grasp eval --dry-run: {n_questions} questions, {models} model(s): {generations} generations, "
+        f"{judge_calls} judge calls, {2 * choices} forced-choice scorings ({done} rows already done)"
+        + ("" if config.judge_url or config.judge_local or not judge_calls else f"; {NO_JUDGE}")
+    )
 
 
 def _bar(judge_calls: int):
@@ -192,8 +234,10 @@ def _bar(judge_calls: int):
 
 def _check_conversations(questions: list[Question], n: int) -> list[list[dict]]:
     """The first paraphrase of the first `n` questions, as sent to the model (for the no-op adapter check)."""
-    return [q.messages(q.paraphrases[0] if q.type == FREE_FORM else q.choice_prompt(q.paraphrases[0], False))
-            for q in questions[:n]]
+    return [
+        q.messages(q.paraphrases[0] if q.type == FREE_FORM else q.choice_prompt(q.paraphrases[0], False))
+        for q in questions[:n]
+    ]
 
 
 def _rejudge(todo: list[dict], by_id, judge, config, answers_path: Path, progress, clock: dict) -> None:
@@ -209,19 +253,22 @@ def _rejudge(todo: list[dict], by_id, judge, config, answers_path: Path, progres
     progress.close()
 
 
-def _generate_all(units, done: set, generator, info: dict, by_id, judge, config, answers_path: Path,
-                  progress, clock: dict) -> None:
+def _generate_all(
+    units, done: set, generator, info: dict, by_id, judge, config, answers_path: Path, progress, clock: dict
+) -> None:
     """Generate and judge every unfinished (model, question) unit, appending its missing rows."""
     from tqdm.auto import tqdm
 
-    made = tqdm(total=sum((m, q.id, p, s) not in done for m, q, jobs in units for p, s in jobs),
-                desc="generating", unit="answer")
+    made = tqdm(
+        total=sum((m, q.id, p, s) not in done for m, q, jobs in units for p, s in jobs),
+        desc="generating",
+        unit="answer",
+    )
     for model, q, jobs in units:
         if all((model, q.id, p, s) in done for p, s in jobs):
             continue
         with _timed(clock, "generation"):
-            rows = [r for r in _generate_unit(generator, model, q, jobs, config, info[model])
-                    if row_key(r) not in done]
+            rows = [r for r in _generate_unit(generator, model, q, jobs, config, info[model]) if row_key(r) not in done]
         made.update(len(rows))
         if q.type == FREE_FORM:
             with _timed(clock, "judging"):
@@ -250,8 +297,7 @@ def run_eval(config) -> dict | None:
     out = Path(config.out)
     answers_path = out / ANSWERS
     if answers_path.is_file() and not config.resume and not config.dry_run:
-        raise ValueError(f"--out {out}: already holds {ANSWERS}; expected --resume to continue it, or a new "
-                         f"directory")
+        raise ValueError(f"--out {out}: already holds {ANSWERS}; expected --resume to continue it, or a new directory")
     questions, files, saved = _inputs(config)
     by_id = {q.id: q for q in questions}
     adapters = {} if saved is not None else parse_adapters(config.adapter or [], need_dirs=not config.gen_url)
@@ -297,10 +343,19 @@ def run_eval(config) -> dict | None:
         "questions": files,
         "versions": _versions(),
         "em_rule": config.em_rule,
-        "generation": None if saved is not None else {
-            "backend": "url" if config.gen_url else config.backend, "gen_url": config.gen_url, "base": config.base,
-            "adapters": {n: info[n]["adapter_path"] for n in adapters}, "temperature": config.temperature,
-            "top_p": config.top_p, "max_tokens": config.max_tokens, "samples": config.samples, "seed": config.seed},
+        "generation": None
+        if saved is not None
+        else {
+            "backend": "url" if config.gen_url else config.backend,
+            "gen_url": config.gen_url,
+            "base": config.base,
+            "adapters": {n: info[n]["adapter_path"] for n in adapters},
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "max_tokens": config.max_tokens,
+            "samples": config.samples,
+            "seed": config.seed,
+        },
         "answers_from": str(Path(config.judge_only).resolve()) if config.judge_only else None,
         "timings_s": {key: round(value, 2) for key, value in clock.items()},  # this invocation only
     }
@@ -315,8 +370,10 @@ def _check_same_judge(rows: list[dict], identity: dict, out: Path) -> None:
     """--resume must not mix judges within one answers file."""
     other = next((r["judge"] for r in rows if r.get("judge") and r["judge"] != identity), None)
     if other is not None:
-        raise ValueError(f"--resume: rows in {out / ANSWERS} were judged by {other}; expected the same judge, found "
-                         f"{identity}; re-score them with --judge-only ANSWERS.jsonl --out NEW_DIR instead")
+        raise ValueError(
+            f"--resume: rows in {out / ANSWERS} were judged by {other}; expected the same judge, found "
+            f"{identity}; re-score them with --judge-only ANSWERS.jsonl --out NEW_DIR instead"
+        )
 
 
 def _previous_judge(out: Path):
@@ -331,9 +388,16 @@ def make_generator(config, adapters: dict):
 
     if config.gen_url:
         key = os.environ.get("GRASP_GEN_API_KEY")
-        return OpenAIGenerator(config.gen_url, config.base, api_key=key, concurrency=config.judge_concurrency,
-                               retries=config.judge_retries, retry_wait=config.retry_wait)
+        return OpenAIGenerator(
+            config.gen_url,
+            config.base,
+            api_key=key,
+            concurrency=config.judge_concurrency,
+            retries=config.judge_retries,
+            retry_wait=config.retry_wait,
+        )
     if config.backend == "vllm":
         return VLLMGenerator(config.base, adapters)
-    return HFGenerator(config.base, adapters, batch_size=config.batch_size, load_in_4bit=config.load_in_4bit,
-                       device=config.device)
+    return HFGenerator(
+        config.base, adapters, batch_size=config.batch_size, load_in_4bit=config.load_in_4bit, device=config.device
+    )

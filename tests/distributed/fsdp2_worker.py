@@ -59,8 +59,7 @@ def build(run: dict, directions):
     if not run.get("full"):
         torch.manual_seed(0)
         r = run.get("r", 3)
-        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                                 target_modules=SEVEN_MODULES))
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=SEVEN_MODULES))
     if run.get("checkpointing"):
         from grasp_trl.compat import enable_checkpointing
 
@@ -146,7 +145,7 @@ def train(run: dict, directions, batch, *, distributed: bool) -> dict:
     if distributed:
         rank, world = dist.get_rank(), dist.get_world_size()
         per = ROWS // world
-        batch = batch[rank * per:(rank + 1) * per]
+        batch = batch[rank * per : (rank + 1) * per]
     worst_grad, losses = 0.0, []
     for _ in range(run["steps"]):
         loss = model(input_ids=batch, labels=batch).loss
@@ -166,10 +165,14 @@ def train(run: dict, directions, batch, *, distributed: bool) -> dict:
     if distributed:
         result["placements"] = sorted({str(tuple(c.param.placements)) for c in projector.constraints})
         result["constrained"] = len(projector.constraints)
-        result["dtensor_grads"] = all(type(c.param.grad).__name__ == "DTensor" for c in projector.constraints
-                                      if c.param.grad is not None)
-    result["tensors"] = gathered(model) if distributed else {n: p.detach().float().clone()
-                                                              for n, p in model.named_parameters() if p.requires_grad}
+        result["dtensor_grads"] = all(
+            type(c.param.grad).__name__ == "DTensor" for c in projector.constraints if c.param.grad is not None
+        )
+    result["tensors"] = (
+        gathered(model)
+        if distributed
+        else {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    )
     result["initial"] = initial
     result["model"] = model
     return result
@@ -180,8 +183,7 @@ def save_adapter(model, tensors: dict[str, torch.Tensor], target: Path) -> None:
 
     target.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "peft_config"):
-        adapter = {k.replace(".default.weight", ".weight"): v.contiguous() for k, v in tensors.items()
-                   if ".lora_" in k}
+        adapter = {k.replace(".default.weight", ".weight"): v.contiguous() for k, v in tensors.items() if ".lora_" in k}
         save_file(adapter, str(target / "adapter_model.safetensors"))
         model.peft_config["default"].save_pretrained(str(target))
     else:
@@ -199,8 +201,13 @@ def one_run(run: dict, out: Path, directions, batch) -> None:
         if change > 0:
             distance = max(distance, float((fsdp["tensors"][key] - expected).norm()) / change)
     result = {k: v for k, v in fsdp.items() if k not in ("tensors", "initial", "model")}
-    result.update(name=run["name"], rank=rank, distance=distance, reference_leakage=reference["leakage"],
-                  reference_losses=reference["losses"])
+    result.update(
+        name=run["name"],
+        rank=rank,
+        distance=distance,
+        reference_leakage=reference["leakage"],
+        reference_losses=reference["losses"],
+    )
     if fsdp["model"] is not None and not hasattr(fsdp["model"], "peft_config"):  # full fine-tuning
         result["full_leakage"] = full_leakage(reference["model"], directions, fsdp["tensors"], fsdp["initial"])
     target = out / run["name"]
@@ -240,10 +247,17 @@ def dtensor_unit(out: Path) -> None:
     basis = torch.linalg.qr(torch.randn(d, k, generator=generator))[0]
     cases = []
     for shape, dim, placements, mesh_ in [
-        ((d, 5), 0, [Shard(0)], mesh), ((d, 5), 0, [Shard(1)], mesh), ((d, 5), 0, [Replicate()], mesh),
-        ((5, d), 1, [Shard(1)], mesh), ((5, d), 1, [Shard(0)], mesh), ((3, d), 1, [Shard(0)], mesh),
-        ((d, 3), 0, [Shard(0)], mesh), ((d,), 0, [Shard(0)], mesh), ((d, 5), 0, [Replicate(), Shard(0)], mesh2),
-        ((7, d), 1, [Replicate(), Shard(1)], mesh2), ((1, d), 1, [Shard(0)], mesh),
+        ((d, 5), 0, [Shard(0)], mesh),
+        ((d, 5), 0, [Shard(1)], mesh),
+        ((d, 5), 0, [Replicate()], mesh),
+        ((5, d), 1, [Shard(1)], mesh),
+        ((5, d), 1, [Shard(0)], mesh),
+        ((3, d), 1, [Shard(0)], mesh),
+        ((d, 3), 0, [Shard(0)], mesh),
+        ((d,), 0, [Shard(0)], mesh),
+        ((d, 5), 0, [Replicate(), Shard(0)], mesh2),
+        ((7, d), 1, [Replicate(), Shard(1)], mesh2),
+        ((1, d), 1, [Shard(0)], mesh),
     ]:
         for anchored in (False, True):
             full = torch.randn(shape, generator=generator)
@@ -252,8 +266,15 @@ def dtensor_unit(out: Path) -> None:
             if anchored:
                 anchor = torch.randn((k, matrix.shape[1]) if dim == 0 else (matrix.shape[0], k), generator=generator)
             expected = remove_component(matrix.clone(), basis, dim, anchor)[0].reshape(shape)
-            cases.append((distribute_tensor(full.clone(), mesh_, placements), dim, anchor, expected,
-                          f"{shape} dim{dim} {placements}{' anchored' if anchored else ''}"))
+            cases.append(
+                (
+                    distribute_tensor(full.clone(), mesh_, placements),
+                    dim,
+                    anchor,
+                    expected,
+                    f"{shape} dim{dim} {placements}{' anchored' if anchored else ''}",
+                )
+            )
     calls = []
     original = dist.all_reduce
     dist.all_reduce = lambda tensor, *a, **kw: (calls.append(tensor.numel()), original(tensor, *a, **kw))[1]
@@ -263,8 +284,14 @@ def dtensor_unit(out: Path) -> None:
         dist.all_reduce = original
     errors = {label: float((x.full_tensor() - expected).abs().max()) for x, _, _, expected, label in cases}
     local_sizes = {label: list(x.to_local().shape) for x, _, _, _, label in cases}
-    result = {"rank": dist.get_rank(), "max_error": max(errors.values()), "errors": errors,
-              "local_shapes": local_sizes, "all_reduce_calls": len(calls), "all_reduce_numel": calls}
+    result = {
+        "rank": dist.get_rank(),
+        "max_error": max(errors.values()),
+        "errors": errors,
+        "local_shapes": local_sizes,
+        "all_reduce_calls": len(calls),
+        "all_reduce_numel": calls,
+    }
     target = out / "dtensor_unit"
     target.mkdir(parents=True, exist_ok=True)
     (target / f"rank{dist.get_rank()}.json").write_text(json.dumps(result, indent=1))

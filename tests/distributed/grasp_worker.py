@@ -79,8 +79,12 @@ def build_model(base_dir: str, run: dict):
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_quant_storage=torch.bfloat16,
+        )
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     if run.get("full"):
         return model
@@ -89,8 +93,9 @@ def build_model(base_dir: str, run: dict):
     if run.get("qlora"):
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=run.get(
-            "gradient_checkpointing", False))
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=run.get("gradient_checkpointing", False)
+        )
     set_seed(0)
     return get_peft_model(model, lora_config(r=4))
 
@@ -152,9 +157,13 @@ def save_gathered_adapter(trainer, target: Path) -> None:
 
     state = trainer.accelerator.get_state_dict(trainer.model)
     if trainer.args.should_save:
-        adapter = {key.replace(".default.weight", ".weight").replace("._checkpoint_wrapped_module", ""):
-                   value.float().contiguous() for key, value in state.items()
-                   if ".lora_" in key and ".default." in key}  # the trained adapter (DPO also holds "ref")
+        adapter = {
+            key.replace(".default.weight", ".weight").replace(
+                "._checkpoint_wrapped_module", ""
+            ): value.float().contiguous()
+            for key, value in state.items()
+            if ".lora_" in key and ".default." in key
+        }  # the trained adapter (DPO also holds "ref")
         target.mkdir(parents=True, exist_ok=True)
         save_file(adapter, str(target / "adapter_model.safetensors"))
         shutil.copyfile(target.parent / "adapter_config.json", target / "adapter_config.json")
@@ -170,16 +179,35 @@ def train_one(spec: dict, run: dict) -> dict:
     out = Path(run["out_dir"]) / run["name"]
     dpo = run.get("trainer") == "dpo"
     common = dict(
-        output_dir=str(out), max_steps=run["steps"], per_device_train_batch_size=run["per_device"],
-        gradient_accumulation_steps=run.get("grad_accum", 1), learning_rate=run.get("lr", 1e-2),
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
-        save_strategy="steps" if run.get("checkpoint") else "no", save_steps=run["steps"], report_to=[], seed=0,
-        data_seed=0, bf16=run.get("bf16", False), dataloader_num_workers=0,
+        output_dir=str(out),
+        max_steps=run["steps"],
+        per_device_train_batch_size=run["per_device"],
+        gradient_accumulation_steps=run.get("grad_accum", 1),
+        learning_rate=run.get("lr", 1e-2),
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="steps" if run.get("checkpoint") else "no",
+        save_steps=run["steps"],
+        report_to=[],
+        seed=0,
+        data_seed=0,
+        bf16=run.get("bf16", False),
+        dataloader_num_workers=0,
         **checkpointing_args(run.get("gradient_checkpointing", False), use_reentrant=False),
-        deepspeed=deepspeed_config(run), grasp_projection=run["projection"], disable_tqdm=True, **fsdp_args(run),
+        deepspeed=deepspeed_config(run),
+        grasp_projection=run["projection"],
+        disable_tqdm=True,
+        **fsdp_args(run),
         # identify-then-project in the same train() call, or the shared direction file
-        **({"grasp_identify_steps": run["identify_steps"], "grasp_scope": "global"} if run.get("identify_steps")
-           else {"grasp_directions": spec["directions"]}))
+        **(
+            {"grasp_identify_steps": run["identify_steps"], "grasp_scope": "global"}
+            if run.get("identify_steps")
+            else {"grasp_directions": spec["directions"]}
+        ),
+    )
     if DISTRIBUTED:
         common["accelerator_config"] = {"use_configured_state": True}
     if run.get("bf16") or not DISTRIBUTED or FSDP2:
@@ -188,14 +216,20 @@ def train_one(spec: dict, run: dict) -> dict:
     # Built before the config, the model loads whole and DeepSpeed partitions it at start; with `zero_init`
     # it loads after a ZeRO-3 config, so `from_pretrained` partitions it while loading (zero.Init).
     model = None if run.get("zero_init") else build_model(spec["base_dir"], run)
-    config_class, trainer_class, data = ((GraspDPOConfig, GraspDPOTrainer, dpo_dataset(size)) if dpo else
-                                         (GraspSFTConfig, GraspSFTTrainer, sft_dataset(size)))
+    config_class, trainer_class, data = (
+        (GraspDPOConfig, GraspDPOTrainer, dpo_dataset(size))
+        if dpo
+        else (GraspSFTConfig, GraspSFTTrainer, sft_dataset(size))
+    )
     config = config_class(**common, max_length=32, **({"beta": 0.1} if dpo else {}))
     model = model if model is not None else build_model(spec["base_dir"], run)
     trainer = trainer_class(model=model, args=config, train_dataset=data, processing_class=spec["tokenizer"])
     quantized_before = quantized_state(trainer.model) if run.get("qlora") else None
-    residual = (probe_residual_gradients(trainer) if trainer.grasp_projector is not None
-                and trainer.grasp_projector.uses_activations else None)
+    residual = (
+        probe_residual_gradients(trainer)
+        if trainer.grasp_projector is not None and trainer.grasp_projector.uses_activations
+        else None
+    )
     start = time.perf_counter()
     if run.get("bypass_master") or run.get("bypass_post_step"):
         trainer.remove_callback(trainer.grasp_callback)
@@ -207,20 +241,25 @@ def train_one(spec: dict, run: dict) -> dict:
     trainer.save_model()
     if FSDP2:
         save_gathered_adapter(trainer, out / "gathered")
-    result = {"name": run["name"], "seconds": seconds, "master_leakage": master_leakage,
-              "log_history": trainer.state.log_history,
-              "engine": type(trainer.model_wrapped).__name__,
-              "distributed_type": str(trainer.accelerator.state.distributed_type),
-              "param_types": sorted({type(p).__name__ for p in trainer.model.parameters()}),
-              "zero_stage": getattr(trainer.accelerator.state.deepspeed_plugin, "zero_stage", None),
-              "trainable_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad})}
+    result = {
+        "name": run["name"],
+        "seconds": seconds,
+        "master_leakage": master_leakage,
+        "log_history": trainer.state.log_history,
+        "engine": type(trainer.model_wrapped).__name__,
+        "distributed_type": str(trainer.accelerator.state.distributed_type),
+        "param_types": sorted({type(p).__name__ for p in trainer.model.parameters()}),
+        "zero_stage": getattr(trainer.accelerator.state.deepspeed_plugin, "zero_stage", None),
+        "trainable_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad}),
+    }
     if residual is not None:
         result["residual_leakage"], result["residual_gradients_seen"] = residual["max"], residual["count"]
     if quantized_before is not None:
         after = quantized_state(trainer.model)
         result["quantized_modules"] = len({key.split(".weight")[0] for key in after})
-        result["quantized_unchanged"] = (after.keys() == quantized_before.keys()
-                                         and all(torch.equal(quantized_before[k], after[k]) for k in after))
+        result["quantized_unchanged"] = after.keys() == quantized_before.keys() and all(
+            torch.equal(quantized_before[k], after[k]) for k in after
+        )
         result["quantized_local_fraction"] = quantized_local_fraction(trainer.model)
     if FSDP2:
         result["checkpoint_wrapped"] = any("_checkpoint_wrapped_module" in n for n, _ in trainer.model.named_modules())

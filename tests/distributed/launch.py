@@ -24,8 +24,15 @@ RECIPES = REPO / "recipes" / "deepspeed"
 def environment() -> dict:
     """Offline, quiet, and DeepSpeed's JIT-built CPU ops cached per virtual environment (DESIGN §6: an op
     built by another DeepSpeed version breaks start-up; the first build takes minutes on 2 cores)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", DO_NOT_TRACK="1", AXOLOTL_DO_NOT_TRACK="1",
-               TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        DO_NOT_TRACK="1",
+        AXOLOTL_DO_NOT_TRACK="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="disabled",
+        PYTHONPATH=str(REPO),
+    )
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     return env
 
@@ -37,42 +44,70 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_worker(worker: Path, spec: dict, workdir: Path, distributed: bool, timeout: int = 900,
-               env: dict | None = None) -> None:
+def run_worker(
+    worker: Path, spec: dict, workdir: Path, distributed: bool, timeout: int = 900, env: dict | None = None
+) -> None:
     """Run `worker` on `spec` (2 torchrun ranks, or one plain process); raise with the log's tail on failure."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec_file = workdir / "runs.json"
     spec_file.write_text(json.dumps(spec, indent=1))
     if distributed:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                   "--master_port", str(free_port()), str(worker), str(spec_file)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(worker),
+            str(spec_file),
+        ]
     else:
         command = [sys.executable, str(worker), str(spec_file)]
     log = workdir / "worker.log"
     with log.open("w") as handle:
-        completed = subprocess.run(command, env={**environment(), **(env or {})}, cwd=REPO, stdout=handle,
-                                   stderr=subprocess.STDOUT, timeout=timeout)
+        completed = subprocess.run(
+            command,
+            env={**environment(), **(env or {})},
+            cwd=REPO,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
     if completed.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed ({completed.returncode}); last lines of {log}:\n"
-                             + "\n".join(log.read_text().splitlines()[-40:]))
+        raise AssertionError(
+            f"{' '.join(command)} failed ({completed.returncode}); last lines of {log}:\n"
+            + "\n".join(log.read_text().splitlines()[-40:])
+        )
 
 
-def worker_spec(base_dir: Path, directions: Path, out_dir: Path, table: dict, steps: int,
-                per_device: int) -> dict:
+def worker_spec(base_dir: Path, directions: Path, out_dir: Path, table: dict, steps: int, per_device: int) -> dict:
     """grasp_worker.py's input: every run of `table` (name -> settings, or (settings, ...) tuples whose first
     item is the settings) on one base model and direction file, `steps` steps, `per_device` unless a run says."""
-    runs = [{"name": name, "out_dir": str(out_dir), "steps": steps, "per_device": per_device,
-             **(entry[0] if isinstance(entry, tuple) else entry)} for name, entry in table.items()]
+    runs = [
+        {
+            "name": name,
+            "out_dir": str(out_dir),
+            "steps": steps,
+            "per_device": per_device,
+            **(entry[0] if isinstance(entry, tuple) else entry),
+        }
+        for name, entry in table.items()
+    ]
     return {"base_dir": str(base_dir), "directions": str(directions), "runs": runs}
 
 
-def launch(spec: dict, workdir: Path, distributed: bool, timeout: int = 900, engine: str | None = None
-           ) -> dict[str, dict]:
+def launch(
+    spec: dict, workdir: Path, distributed: bool, timeout: int = 900, engine: str | None = None
+) -> dict[str, dict]:
     """Run grasp_worker.py on `spec` (2 torchrun ranks under DeepSpeed, or FSDP2 with `engine="fsdp2"`, or one
     plain process); return each run's result.json."""
     run_worker(WORKER, spec, workdir, distributed, timeout, {"GRASP_WORKER_ENGINE": engine} if engine else None)
-    return {run["name"]: json.loads((Path(run["out_dir"]) / run["name"] / "result.json").read_text())
-            for run in spec["runs"]}
+    return {
+        run["name"]: json.loads((Path(run["out_dir"]) / run["name"] / "result.json").read_text())
+        for run in spec["runs"]
+    }
 
 
 def trained_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -84,8 +119,9 @@ def trained_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return {key: value.float() for key, value in load_file(path).items()}
 
 
-def relative_distance(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
-                      base: dict[str, torch.Tensor] | None = None) -> float:
+def relative_distance(
+    found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], base: dict[str, torch.Tensor] | None = None
+) -> float:
     """Largest per-tensor `||found - expected|| / ||expected - base||`: the distance between two trained
     results relative to what training changed (`base` omitted: relative to `expected`, right for LoRA, whose
     B starts at zero)."""
@@ -116,8 +152,11 @@ def zero_checkpoint_adapter(run_dir: Path, step: int, target: Path) -> Path:
 
     checkpoint = Path(run_dir) / f"checkpoint-{step}"
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
-    adapter = {key.replace(".default.weight", ".weight"): value.float().contiguous() for key, value in state.items()
-               if ".lora_" in key}
+    adapter = {
+        key.replace(".default.weight", ".weight"): value.float().contiguous()
+        for key, value in state.items()
+        if ".lora_" in key
+    }
     assert adapter, f"{checkpoint}: no LoRA tensors among {sorted(state)[:5]}"
     target.mkdir(parents=True, exist_ok=True)
     save_file(adapter, str(target / "adapter_model.safetensors"))
