@@ -13,8 +13,8 @@ stage 1 at the first snapshot where
   not the noise of the first steps),
 
 or at `max_steps`, whichever comes first. Directions are then identified from the adapter as it is at that step.
-A snapshot costs one `extract_directions`-sized SVD (0.8 s for a 7B adapter on one CPU thread,
-benchmarks/README.md), so with `every=5` it is a small fraction of stage 1.
+A snapshot costs one `extract_directions`-sized SVD (per adapter size: benchmarks/README.md, "Identification
+cost"), so with `every=5` it is a small fraction of stage 1.
 """
 
 from __future__ import annotations
