@@ -25,7 +25,16 @@ FULL_STATE_DICT uses) as a PEFT adapter directory `<out_dir>/<name>/adapter/`, o
 
 Run keys: name, arch (qwen2/llama), projection, steps, r, lr, full (full fine-tuning), shard_dim (0: FSDP2's
 default `Shard(0)`; 1: `shard_placement_fn` -> `Shard(1)`), checkpointing (HF non-reentrant gradient
-checkpointing), attach_after (attach the projector after sharding instead), bypass (no post-step projection).
+checkpointing), attach_after (attach the projector after sharding instead), bypass (no post-step projection),
+mp (on every `fully_shard`: "fp32", `MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`;
+"accelerate", param, reduce and output dtype bfloat16, accelerate's FSDP2 bf16 policy; the sharded parameters
+stay fp32), offload (`CPUOffloadPolicy(pin_memory=False)`: pinning needs an accelerator),
+bf16 (the model's parameters cast to bfloat16 before the projector attaches, in the reference too). With `mp`
+there is no unsharded loop with FSDP2's mixed precision: `distance` is against FSDP2 with the same policies on a
+mesh of this rank alone (the whole batch), `fp32_distance` against the fp32 single process. The worker also
+records `policies` (each FSDP parameter's param/reduce dtype and `offload_to_cpu`, read from FSDP2's own state),
+`param_dtypes` / `grad_dtypes` (the trainable shards and the constrained `.grad`) and `residual_grad_dtypes`
+(the dtypes of the gradients the probe saw).
 A run named "dtensor_unit" instead checks `project_dtensors_` on random DTensors of uneven shapes and several
 placements against the dense formula.
 """
@@ -60,6 +69,8 @@ def build(run: dict, directions):
         torch.manual_seed(0)
         r = run.get("r", 3)
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=SEVEN_MODULES))
+    if run.get("bf16"):
+        model.to(torch.bfloat16)
     if run.get("checkpointing"):
         from grasp_trl.compat import enable_checkpointing
 
@@ -74,12 +85,13 @@ def residual_probe(model, directions):
     """Max `||g U|| / ||g||` of the gradient leaving each hooked block (registered after the projector's)."""
     from grasp_trl.modules import decoder_blocks
 
-    stats = {"max": 0.0, "count": 0}
+    stats = {"max": 0.0, "count": 0, "dtypes": set()}
 
     def record(layer, grad):
         g = grad.float().reshape(-1, grad.shape[-1])
         ratio = float((g @ directions.bases[layer]).norm() / g.norm().clamp_min(1e-30))
         stats["max"], stats["count"] = max(stats["max"], ratio), stats["count"] + 1
+        stats["dtypes"].add(str(grad.dtype))
 
     def on_output(layer, module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
@@ -92,13 +104,35 @@ def residual_probe(model, directions):
     return stats
 
 
-def shard(model, shard_dim: int):
-    from torch.distributed.fsdp import fully_shard
+_ONE_RANK_MESH = []
+
+
+def one_rank_mesh():
+    """A device mesh of this rank alone (the "shard" dimension of a (world x 1) mesh; built once, collectively)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not _ONE_RANK_MESH:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("replicate", "shard"))
+        _ONE_RANK_MESH.append(mesh["shard"])
+    return _ONE_RANK_MESH[0]
+
+
+def shard(model, run: dict, mesh=None):
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import Shard
 
     from grasp_trl.modules import decoder_blocks
 
-    kwargs = {"shard_placement_fn": (lambda param: Shard(1) if param.ndim == 2 else Shard(0))} if shard_dim else {}
+    kwargs = {"mesh": mesh} if mesh is not None else {}
+    if run.get("shard_dim"):
+        kwargs["shard_placement_fn"] = lambda param: Shard(1) if param.ndim == 2 else Shard(0)
+    if run.get("mp") == "fp32":  # bf16 compute, fp32 gradient reduction
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    elif run.get("mp") == "accelerate":  # what accelerate builds for FSDP2 with bf16 (utils/dataclasses.py)
+        bf16 = torch.bfloat16
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16, output_dtype=bf16)
+    if run.get("offload"):  # the default pin_memory=True needs an accelerator (torch 2.13 _fsdp_param.py:315)
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
     for block in decoder_blocks(model):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
@@ -111,6 +145,19 @@ def gathered(model) -> dict[str, torch.Tensor]:
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
     return {k: v.detach().float().clone() for k, v in state.items() if k in trainable}
+
+
+def policies(model) -> list[str]:
+    """Each FSDP2 parameter's (param_dtype, reduce_dtype, offload_to_cpu), as FSDP2's own state holds them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    seen = set()
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group
+            for p in group.fsdp_params if group is not None else ():
+                seen.add(str((str(p.param_dtype), str(p.reduce_dtype), p.offload_to_cpu)))
+    return sorted(seen)
 
 
 def grad_leakage(projector) -> float:
@@ -126,33 +173,36 @@ def grad_leakage(projector) -> float:
     return worst
 
 
-def train(run: dict, directions, batch, *, distributed: bool) -> dict:
-    """One run; `distributed`: FSDP2 on this rank's half of the batch, else the whole batch unsharded."""
+def train(run: dict, directions, batch, *, mode: str) -> dict:
+    """One run. `mode`: "sharded" (FSDP2 over all ranks, on this rank's half of the batch), "one_rank" (FSDP2,
+    same policies, on a mesh of this rank alone and the whole batch), "single" (no FSDP, the whole batch)."""
     from grasp_trl.projection import GradientProjector
 
+    distributed = mode != "single"
     model = build(run, directions)
     initial = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
     projector = GradientProjector(model, directions, run["projection"], grad_hooks=False)
     if not (distributed and run.get("attach_after")):
         projector.attach()
     if distributed:
-        shard(model, run.get("shard_dim", 0))
+        shard(model, run, one_rank_mesh() if mode == "one_rank" else None)
         if run.get("attach_after"):
             projector.attach()
     probe = residual_probe(model, directions) if projector.uses_activations else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=run.get("lr", 1e-2), weight_decay=0.0)
-    if distributed:
+    if mode == "sharded":
         rank, world = dist.get_rank(), dist.get_world_size()
         per = ROWS // world
         batch = batch[rank * per : (rank + 1) * per]
-    worst_grad, losses = 0.0, []
+    worst_grad, losses, grad_dtypes = 0.0, [], set()
     for _ in range(run["steps"]):
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         projector.project_gradients()
         if projector.uses_weights:
             worst_grad = max(worst_grad, grad_leakage(projector))
+            grad_dtypes |= {str(c.param.grad.dtype) for c in projector.constraints if c.param.grad is not None}
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if not run.get("bypass"):
@@ -160,11 +210,15 @@ def train(run: dict, directions, batch, *, distributed: bool) -> dict:
         optimizer.zero_grad()
         losses.append(float(loss))
     result = {"losses": losses, "leakage": projector.leakage(), "grad_leakage": worst_grad}
+    result["grad_dtypes"] = sorted(grad_dtypes)  # of the constrained parameters' `.grad` (weights mode)
     if probe is not None:
         result["residual_leakage"], result["residual_gradients_seen"] = probe["max"], probe["count"]
+        result["residual_grad_dtypes"] = sorted(probe["dtypes"])
     if distributed:
         result["placements"] = sorted({str(tuple(c.param.placements)) for c in projector.constraints})
         result["constrained"] = len(projector.constraints)
+        result["policies"] = policies(model)
+        result["param_dtypes"] = sorted({str(p.dtype) for p in params})
         result["dtensor_grads"] = all(
             type(c.param.grad).__name__ == "DTensor" for c in projector.constraints if c.param.grad is not None
         )
@@ -190,24 +244,39 @@ def save_adapter(model, tensors: dict[str, torch.Tensor], target: Path) -> None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(target / "model.safetensors"))
 
 
-def one_run(run: dict, out: Path, directions, batch) -> None:
-    rank = dist.get_rank()
-    fsdp = train(run, directions, batch, distributed=True)
-    reference = train(run, directions, batch, distributed=False)
+def relative_distance(found: dict, reference: dict) -> float:
+    """Max per-tensor `||W - W_ref|| / ||W_ref - W_init||` over the trainable tensors."""
     distance = 0.0
-    assert fsdp["tensors"].keys() == reference["tensors"].keys()
+    assert found["tensors"].keys() == reference["tensors"].keys()
     for key, expected in reference["tensors"].items():
         change = float((expected - reference["initial"][key]).norm())
         if change > 0:
-            distance = max(distance, float((fsdp["tensors"][key] - expected).norm()) / change)
+            distance = max(distance, float((found["tensors"][key] - expected).norm()) / change)
+    return distance
+
+
+def one_run(run: dict, out: Path, directions, batch) -> None:
+    """The sharded run against the single-process one (`distance`); with `mp`, whose single-process reference
+    can only be fp32 (`fp32_distance`), `distance` is against FSDP2 with the same policies on one rank."""
+    rank = dist.get_rank()
+    fsdp = train(run, directions, batch, mode="sharded")
+    reference = train({k: v for k, v in run.items() if k != "mp"}, directions, batch, mode="single")
     result = {k: v for k, v in fsdp.items() if k not in ("tensors", "initial", "model")}
     result.update(
         name=run["name"],
         rank=rank,
-        distance=distance,
+        distance=relative_distance(fsdp, reference),
         reference_leakage=reference["leakage"],
         reference_losses=reference["losses"],
     )
+    if run.get("mp"):
+        one_rank = train(run, directions, batch, mode="one_rank")
+        result.update(
+            fp32_distance=result["distance"],
+            distance=relative_distance(fsdp, one_rank),
+            one_rank_leakage=one_rank["leakage"],
+            one_rank_policies=one_rank["policies"],
+        )
     if fsdp["model"] is not None and not hasattr(fsdp["model"], "peft_config"):  # full fine-tuning
         result["full_leakage"] = full_leakage(reference["model"], directions, fsdp["tensors"], fsdp["initial"])
     target = out / run["name"]
