@@ -83,13 +83,19 @@ def known_methods() -> str:
     return ", ".join(sorted(_NAMED) + [description for _, _, description in _PATTERNS])
 
 
-def run(lab: Lab, name: str, seed: int) -> Run:
-    """Train (if needed) and measure one method on one seed; every metric at once."""
+def train(lab: Lab, name: str, seed: int) -> tuple[object, dict]:
+    """One method's model on one seed (trained if needed) and its extra fields, unmeasured: for diagnostics
+    that read the model itself (`benchmarks/organism/decompose.py`)."""
     fn = _resolve(name)
     if fn is None:
         raise ValueError(f"method: unknown {name!r}; expected one of {known_methods()}")
+    return fn(lab, seed)
+
+
+def run(lab: Lab, name: str, seed: int) -> Run:
+    """Train (if needed) and measure one method on one seed; every metric at once."""
     started = time.time()
-    model, extra = fn(lab, seed)
+    model, extra = train(lab, name, seed)
     metrics = extra.pop("metrics", None) or lab.measure(model)
     return Run(metrics, time.time() - started, extra)
 

@@ -163,3 +163,24 @@ def test_speeds_half_way_steps_and_plot(tmp_path):
     result = {"world": "hand-made", "bases": {0: [dict(seed=0, stop_step=30, points=points)]}}
     plot(result, tmp_path / "speeds.png")
     assert (tmp_path / "speeds.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_decompose_splits_the_shift_exactly(seed):
+    """`benchmarks.organism.decompose.split_shift` on random data (float64, tolerance 1e-12): the two parts sum
+    to the shift; a basis orthogonal to `v` carries none of it; a shift inside the basis lies wholly along it."""
+    from benchmarks.organism.decompose import split_shift
+
+    generator = torch.Generator().manual_seed(seed)
+    d, k = 24, 1 + seed
+    basis = torch.linalg.qr(torch.randn(d, k, generator=generator, dtype=torch.float64))[0]
+    delta, v = torch.randn(d, generator=generator, dtype=torch.float64), torch.randn(d, generator=generator)
+    parts = split_shift(delta, basis, v)
+    assert abs(parts["via_u"] + parts["via_perp"] - parts["shift"]) <= 1e-12
+    assert abs(parts["shift"] - float(delta @ v.double() / (v.double() @ v.double()))) <= 1e-12
+    assert 0 <= parts["along_u"] <= 1
+    orthogonal_v = v.double() - basis @ (basis.T @ v.double())
+    assert abs(split_shift(delta, basis, orthogonal_v)["via_u"]) <= 1e-12
+    inside = basis @ torch.randn(k, generator=generator, dtype=torch.float64)
+    split = split_shift(inside, basis, v)
+    assert abs(split["along_u"] - 1) <= 1e-12 and abs(split["via_perp"]) <= 1e-12
