@@ -20,7 +20,6 @@ carries it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from .common import add_design_arguments, labs, world_path, write_json  # noqa: E402
 
 METHODS = ["naive", "grasp-default", "caft-identified-auto", "grasp-clamp-global-k1-auto"]
 PARTS = ("shift", "via_u", "via_perp", "along_u")
@@ -73,27 +74,14 @@ def main(argv=None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--world", default=None, help="world YAML (default: grasp_organism/default_world.yaml)")
-    parser.add_argument("--bases", type=int, default=3, help="draws 0..B-1 of the organism (as the benchmark)")
-    parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds 0..N-1")
+    add_design_arguments(parser, bases=3, seeds=3)
     parser.add_argument("--json", default=None, help="write every row here")
-    parser.add_argument(
-        "--cache-dir", default=None, help="pretrained-model cache (default ~/.cache/grasp-trl/organism)"
-    )
     args = parser.parse_args(argv)
 
     import benchmarks.organism.baselines  # noqa: F401  (registers caft-identified-auto)
-    from grasp_organism.lab import Lab
-    from grasp_organism.report import base_config
-    from grasp_organism.world import OrganismConfig, default_config_path
-    from grasp_trl.directions import atomic_write
 
-    torch.set_num_threads(1)
-    world = args.world or str(default_config_path())
-    config = OrganismConfig.from_yaml(world)
     rows = []
-    for base in range(args.bases):
-        lab = Lab(base_config(config, base), cache_dir=args.cache_dir, log=lambda *a, **k: None)
+    for base, lab in labs(args):
         for seed in range(args.seeds):
             for row in decompose(lab, seed):
                 rows.append(dict(base=base, **row))
@@ -109,8 +97,7 @@ def main(argv=None) -> None:
             + "  ".join(f"{k} {statistics.median(r[k] for r in mine):+.3f}" for k in ("drift", "task", *PARTS))
         )
     if args.json:
-        text = json.dumps({"world": Path(world).name, "rows": rows}, indent=1, allow_nan=False)
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
+        write_json(args.json, {"world": Path(world_path(args)).name, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@ comes well before the second, so a world meant to test it harder must bring them
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from .common import add_design_arguments, labs, world_path, write_json  # noqa: E402
 
 
 def curves(lab, seed: int, every: int) -> dict:
@@ -74,9 +75,7 @@ def main(argv=None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--world", default=None, help="world YAML (default: grasp_organism/default_world.yaml)")
-    parser.add_argument("--bases", type=int, default=2, help="draws 0..B-1 of the organism (as the benchmark)")
-    parser.add_argument("--seeds", type=int, default=2, help="fine-tuning seeds 0..N-1")
+    add_design_arguments(parser, bases=2, seeds=2)
     parser.add_argument(
         "--every",
         type=int,
@@ -85,24 +84,10 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--json", default=None, help="write the curves and half-way steps here")
     parser.add_argument("--plot", default=None, help="write the DRIFT and TASK curves (PNG) here")
-    parser.add_argument(
-        "--cache-dir", default=None, help="pretrained-model cache (default ~/.cache/grasp-trl/organism)"
-    )
     args = parser.parse_args(argv)
 
-    import torch
-
-    from grasp_organism.lab import Lab
-    from grasp_organism.report import base_config
-    from grasp_organism.world import OrganismConfig, default_config_path
-    from grasp_trl.directions import atomic_write
-
-    torch.set_num_threads(1)
-    world = args.world or str(default_config_path())
-    config = OrganismConfig.from_yaml(world)
-    result = {"world": Path(world).name, "bases": {}}
-    for base in range(args.bases):
-        lab = Lab(base_config(config, base), cache_dir=args.cache_dir, log=lambda *a, **k: None)
+    result = {"world": Path(world_path(args)).name, "bases": {}}
+    for base, lab in labs(args):
         result["bases"][base] = []
         for seed in range(args.seeds):
             run = curves(lab, seed, args.every)
@@ -117,8 +102,7 @@ def main(argv=None) -> None:
     result["gap_median"] = statistics.median(gaps)
     print(f"TASK half-way minus DRIFT half-way: median {result['gap_median']} steps, range {min(gaps)}-{max(gaps)}")
     if args.json:
-        text = json.dumps(result, indent=1, allow_nan=False)
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
+        write_json(args.json, result)
     if args.plot:
         plot(result, args.plot)
 
