@@ -87,7 +87,7 @@ def group_constraints(constraints: list[Constraint], max_stack_numel: int | None
     Only parameters of at most `max_stack_numel` elements are stacked; larger ones are projected one by one,
     in place. Default: 2**16 on CPU, where one aten call costs about as much as copying a few hundred KB, and
     2**24 on accelerators, where a kernel launch costs more than copying megabytes (measured:
-    benchmarks/README.md, "Projector").
+    benchmarks/README.md, "Training overhead").
     """
     buckets: dict[object, list[Constraint]] = {}
     for constraint in constraints:
