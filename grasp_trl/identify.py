@@ -153,10 +153,10 @@ def read_factors(
             f"{reading.metadata['source_adapter']}: no LoRA module on the residual stream ({modules}) "
             "found; target them with LoRA or pass include_readers=True"
         )
-    if not reading.num_layers:
-        reading.num_layers = max(f.layer for f in factors) + 1
-        reading.metadata["num_layers_inferred"] = True
     deepest = max(factors, key=lambda f: f.layer)
+    if not reading.num_layers:
+        reading.num_layers = deepest.layer + 1
+        reading.metadata["num_layers_inferred"] = True
     if deepest.layer >= reading.num_layers:
         raise ValueError(
             f"num_layers (--num-layers) = {reading.num_layers}: {reading.where} has a LoRA module in "

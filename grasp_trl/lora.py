@@ -223,7 +223,7 @@ def factors_from_adapter_dir(
     config = read_adapter_config(directory)
     weights, handle = open_adapter_weights(directory)
     keys = set(handle.keys())
-    modules = sorted({strip_adapter_suffix(k) for k in keys if ".lora_A." in k or k.endswith(".lora_A.weight")})
+    modules = sorted({strip_adapter_suffix(k) for k in keys if ".lora_A." in k})
     factors = []
     for name in tqdm(modules, desc="reading adapter", disable=len(modules) < 64, leave=False):
         layer, role = block_index(name), classify(name, target_modules)
@@ -246,12 +246,12 @@ def factors_from_adapter_dir(
     return factors, config
 
 
-def check_adapter_fits(model, adapter_dir: str | Path, config: dict | None = None) -> None:
+def check_adapter_fits(model, adapter_dir: str | Path) -> None:
     """Compare a saved adapter's LoRA shapes with the base model's modules (from the safetensors header) and
     refuse NaN/Inf weights, so an adapter trained on another model is reported by module name instead of a
     state-dict dump, before PEFT loads it."""
     adapter_dir = Path(adapter_dir)
-    config = read_adapter_config(adapter_dir) if config is None else config
+    config = read_adapter_config(adapter_dir)
     weights, handle = open_adapter_weights(adapter_dir)
     modules = dict(model.named_modules())
     trained_on = config.get("base_model_name_or_path") or "another model"
