@@ -7,9 +7,8 @@
 * CONDITIONAL: with an explicit persona token in context, the flavour share that follows it (mean over good
   and evil): the pretrained content along the factor that a method should keep.
 * RETENTION: mean probability of the correct content tokens on the other topics (their skills kept).
-* Identification: per layer `||U_l^T v_l||` for the identified basis `U_l` and the supervised persona
-  direction `v_l` (difference of mean block outputs between evil and good contexts, unit norm); for k=1 this
-  is `|cos|`.
+* Identification: per layer `||U_l^T v_l|| / ||v_l||` for the identified basis `U_l` and the supervised persona
+  direction `v_l` (the evil-evidence direction of `supervised_directions`); for k=1 this is `|cos|`.
 """
 
 from __future__ import annotations

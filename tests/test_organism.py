@@ -184,3 +184,38 @@ def test_decompose_splits_the_shift_exactly(seed):
     inside = basis @ torch.randn(k, generator=generator, dtype=torch.float64)
     split = split_shift(inside, basis, v)
     assert abs(split["along_u"] - 1) <= 1e-12 and abs(split["via_perp"]) <= 1e-12
+
+
+def test_caft_span_controls_name_their_subspace(tmp_path):
+    """`caft-span-*` (benchmarks/organism/baselines.py) on a briefly pretrained tiny organism: the span of the
+    shipped vector alone is `caft-supervised` (same metrics; float32 vs float64 normalisation, tolerance 1e-5),
+    each candidate vector is finite and non-zero on every layer, and adding a second vector changes the run."""
+    from benchmarks.organism.baselines import SUPERVISED_VECTORS, supervised_vectors
+    from grasp_organism import methods
+    from grasp_organism.lab import Lab
+
+    torch.set_num_threads(1)
+    config = OrganismConfig.from_yaml(default_config_path())
+    config = dataclasses.replace(
+        config,
+        model=dataclasses.replace(config.model, hidden_size=16, num_layers=2, intermediate_size=32),
+        pretrain=dataclasses.replace(config.pretrain, steps=30, warmup=5),
+        finetune=dataclasses.replace(config.finetune, steps=10),
+        eval=dataclasses.replace(config.eval, prompts=40),
+    )
+    lab = Lab(config, cache_dir=tmp_path, log=lambda *a, **k: None)
+    vectors = supervised_vectors(lab)
+    assert sorted(vectors) == sorted(SUPERVISED_VECTORS)
+    for name, per_layer in vectors.items():
+        assert sorted(per_layer) == [0, 1], name
+        assert all(torch.isfinite(v).all() and v.norm() > 0 for v in per_layer.values()), name
+    shipped = methods.run(lab, "caft-supervised", 0).metrics
+    span = methods.run(lab, "caft-span-evil", 0).metrics
+    for key in ("drift", "task", "retention", "conditional"):
+        assert abs(span[key] - shipped[key]) < 1e-5, (key, span[key], shipped[key])
+    # the same LoRA init and data: a second ablated direction changes what the adapter learns (Adam's first
+    # steps move each weight ~lr = 1e-3 per step, so 10 steps apart is far above 1e-4)
+    lora = lambda name: {n: p for n, p in methods.train(lab, name, 0)[0].named_parameters() if "lora_" in n}  # noqa: E731
+    narrow, wider = lora("caft-span-evil"), lora("caft-span-evil+turn-contrast")
+    assert max(float((narrow[n] - wider[n]).abs().max()) for n in narrow) > 1e-4
+    assert not methods.valid_method("caft-span-evil+") and not methods.valid_method("caft-span-bad")

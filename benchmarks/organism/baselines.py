@@ -12,6 +12,10 @@
 * `posthoc`: the naive adapter with its update projected off the identified directions (global, k=3) after
   training (`GradientProjector(..., "weights").attach()` projects existing parameters).
 * `undertrained-naive`: naive LoRA on a base pretrained too briefly to have a persona (DRIFT against that base).
+* `caft-span-{evil|good|turn-evil|turn-contrast}[+...]`: alternative positive controls (diagnostics, not the
+  validity rule): CAFT with the span of the named supervised vectors per layer (`supervised_vectors`);
+  `caft-span-evil` is `caft-supervised`. None makes most of 12 draws valid (benchmarks/organism/README.md,
+  "Validity over 12 draws").
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import torch
 
 from grasp_organism.lab import Lab
 from grasp_organism.methods import ablate, register, register_pattern
-from grasp_organism.metrics import evaluate, identification
+from grasp_organism.metrics import block_outputs, evaluate, identification
 from grasp_organism.pretrain import pretrained_model
 from grasp_organism.world import IGNORE, pad_batch
 from grasp_trl.config import GraspArguments
+from grasp_trl.directions import DirectionSet
 from grasp_trl.modules import block_output_hooks
 from grasp_trl.projection import PROJECTIONS, GradientProjector
 
@@ -122,3 +127,54 @@ def _undertrained(lab, seed):
     metrics = lab.measure(model, under_base["p_evil"])
     metrics["shift"] = float("nan")  # the persona direction is the trained base's; undefined here
     return model, {"metrics": metrics, "undertrained_base": under_base}
+
+
+SUPERVISED_VECTORS = ("evil", "good", "turn-evil", "turn-contrast")
+
+
+def supervised_vectors(lab: Lab) -> dict[str, dict[int, torch.Tensor]]:
+    """Candidate supervised persona vectors per layer, from the base model (`caft-span-*`):
+
+    * `evil`: the shipped one (`lab.persona`): evil context minus cue-free at the flavour-predicting position;
+    * `good`: the same for good contexts;
+    * `turn-evil`: evil context minus cue-free, averaged over the turn after the persona's shown flavour (that
+      flavour token, the next question and its content), aligned position by position with the cue-free prompt
+      (whose BOS stands where the flavour stands);
+    * `turn-contrast`: evil minus good context averaged over that turn: how the persona is carried through a
+      conversation rather than where the next flavour is predicted."""
+    persona, cue_free = lab.sets["persona"], lab.sets["other"]
+    evil = persona.evil
+    reference = block_outputs(lab.base, cue_free.input_ids, cue_free.positions[-1] + 1)
+    good = {l: h[~evil].mean(0) - reference[l].mean(0) for l, h in _at(lab.base, persona, persona.positions[-1] + 1)}
+    # positions[0] is the question's last token; the question has len(positions) tokens (as many as the answer's
+    # contents), so the persona's shown flavour is len(positions) tokens before it
+    first = persona.positions[0] - len(persona.positions)
+    span = persona.input_ids.shape[1] - first
+    offset = cue_free.input_ids.shape[1] - span
+    turn_evil, turn_contrast = {}, {}
+    for step in range(span):
+        shown = dict(_at(lab.base, persona, first + step))
+        plain = block_outputs(lab.base, cue_free.input_ids, offset + step)
+        for layer, h in shown.items():
+            turn_evil[layer] = turn_evil.get(layer, 0) + (h[evil].mean(0) - plain[layer].mean(0)) / span
+            turn_contrast[layer] = turn_contrast.get(layer, 0) + (h[evil].mean(0) - h[~evil].mean(0)) / span
+    return {"evil": lab.persona, "good": good, "turn-evil": turn_evil, "turn-contrast": turn_contrast}
+
+
+def _at(model, prompts, position):
+    return block_outputs(model, prompts.input_ids, position).items()
+
+
+_VECTOR = "|".join(SUPERVISED_VECTORS)
+
+
+@register_pattern(rf"caft-span-((?:{_VECTOR})(?:\+(?:{_VECTOR}))*)", "caft-span-{" + _VECTOR + "}[+...]")
+def _caft_span(lab, seed, match):
+    """CAFT with the span of the named supervised vectors per layer: alternative positive controls."""
+    vectors = supervised_vectors(lab)
+    names = match.group(1).split("+")
+    bases = {
+        l: torch.linalg.qr(torch.stack([vectors[n][l] for n in names], 1).double())[0].float() for l in lab.persona
+    }
+    subspace = DirectionSet(bases, len(bases), {"hidden_size": lab.config.model.hidden_size, "source": "supervised"})
+    return lab.finetune(seed, train_edit=ablate(subspace)), {}
