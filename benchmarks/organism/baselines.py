@@ -145,7 +145,8 @@ def supervised_vectors(lab: Lab) -> dict[str, dict[int, torch.Tensor]]:
     persona, cue_free = lab.sets["persona"], lab.sets["other"]
     evil = persona.evil
     reference = block_outputs(lab.base, cue_free.input_ids, cue_free.positions[-1] + 1)
-    good = {l: h[~evil].mean(0) - reference[l].mean(0) for l, h in _at(lab.base, persona, persona.positions[-1] + 1)}
+    at_flavour = block_outputs(lab.base, persona.input_ids, persona.positions[-1] + 1)
+    good = {l: h[~evil].mean(0) - reference[l].mean(0) for l, h in at_flavour.items()}
     # positions[0] is the question's last token; the question has len(positions) tokens (as many as the answer's
     # contents), so the persona's shown flavour is len(positions) tokens before it
     first = persona.positions[0] - len(persona.positions)
@@ -153,16 +154,12 @@ def supervised_vectors(lab: Lab) -> dict[str, dict[int, torch.Tensor]]:
     offset = cue_free.input_ids.shape[1] - span
     turn_evil, turn_contrast = {}, {}
     for step in range(span):
-        shown = dict(_at(lab.base, persona, first + step))
+        shown = block_outputs(lab.base, persona.input_ids, first + step)
         plain = block_outputs(lab.base, cue_free.input_ids, offset + step)
         for layer, h in shown.items():
             turn_evil[layer] = turn_evil.get(layer, 0) + (h[evil].mean(0) - plain[layer].mean(0)) / span
             turn_contrast[layer] = turn_contrast.get(layer, 0) + (h[evil].mean(0) - h[~evil].mean(0)) / span
     return {"evil": lab.persona, "good": good, "turn-evil": turn_evil, "turn-contrast": turn_contrast}
-
-
-def _at(model, prompts, position):
-    return block_outputs(model, prompts.input_ids, position).items()
 
 
 _VECTOR = "|".join(SUPERVISED_VECTORS)
