@@ -213,9 +213,12 @@ def test_caft_span_controls_name_their_subspace(tmp_path):
     span = methods.run(lab, "caft-span-evil", 0).metrics
     for key in ("drift", "task", "retention", "conditional"):
         assert abs(span[key] - shipped[key]) < 1e-5, (key, span[key], shipped[key])
+
     # the same LoRA init and data: a second ablated direction changes what the adapter learns (Adam's first
     # steps move each weight ~lr = 1e-3 per step, so 10 steps apart is far above 1e-4)
-    lora = lambda name: {n: p for n, p in methods.train(lab, name, 0)[0].named_parameters() if "lora_" in n}  # noqa: E731
+    def lora(name):
+        return {n: p for n, p in methods.train(lab, name, 0)[0].named_parameters() if "lora_" in n}
+
     narrow, wider = lora("caft-span-evil"), lora("caft-span-evil+turn-contrast")
     assert max(float((narrow[n] - wider[n]).abs().max()) for n in narrow) > 1e-4
     assert not methods.valid_method("caft-span-evil+") and not methods.valid_method("caft-span-bad")

@@ -21,16 +21,18 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 
 from grasp_organism.lab import Lab
 from grasp_organism.methods import ablate, register, register_pattern
-from grasp_organism.metrics import block_outputs, evaluate, identification
+from grasp_organism.metrics import block_outputs, evaluate, identification, supervised_directions
 from grasp_organism.pretrain import pretrained_model
 from grasp_organism.world import IGNORE, pad_batch
 from grasp_trl.config import GraspArguments
 from grasp_trl.directions import DirectionSet
+from grasp_trl.importers import orthonormal_basis
 from grasp_trl.modules import block_output_hooks
 from grasp_trl.projection import PROJECTIONS, GradientProjector
 
@@ -144,9 +146,8 @@ def supervised_vectors(lab: Lab) -> dict[str, dict[int, torch.Tensor]]:
       conversation rather than where the next flavour is predicted."""
     persona, cue_free = lab.sets["persona"], lab.sets["other"]
     evil = persona.evil
-    reference = block_outputs(lab.base, cue_free.input_ids, cue_free.positions[-1] + 1)
-    at_flavour = block_outputs(lab.base, persona.input_ids, persona.positions[-1] + 1)
-    good = {l: h[~evil].mean(0) - reference[l].mean(0) for l, h in at_flavour.items()}
+    # `supervised_directions` measures the contexts marked evil; marking the good ones instead gives `good`
+    good = supervised_directions(lab.base, dataclasses.replace(persona, evil=~evil), cue_free)
     # positions[0] is the question's last token; the question has len(positions) tokens (as many as the answer's
     # contents), so the persona's shown flavour is len(positions) tokens before it
     first = persona.positions[0] - len(persona.positions)
@@ -171,7 +172,8 @@ def _caft_span(lab, seed, match):
     vectors = supervised_vectors(lab)
     names = match.group(1).split("+")
     bases = {
-        l: torch.linalg.qr(torch.stack([vectors[n][l] for n in names], 1).double())[0].float() for l in lab.persona
+        l: orthonormal_basis(torch.stack([vectors[n][l] for n in names]), f"{match.group(0)}, layer {l}")
+        for l in lab.persona
     }
     subspace = DirectionSet(bases, len(bases), {"hidden_size": lab.config.model.hidden_size, "source": "supervised"})
     return lab.finetune(seed, train_edit=ablate(subspace)), {}
