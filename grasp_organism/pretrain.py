@@ -1,8 +1,16 @@
-"""Deterministic pretraining of the organism's tiny Llama on its world, cached on disk.
+"""Pretraining of the organism's tiny Llama on its world: shipped for the default world, else cached on disk.
 
-The cache key is a hash of the world, model and pretraining sections (and the step count), so a changed knob
-never reuses a stale model. Entries are written to a temporary directory and renamed into place, so an
-interrupted run leaves no half-written model behind.
+Pretraining is deterministic on one machine but chaotic across machines: the same code and seeds on another
+CPU's kernels (measured by emulating one, `ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2`) gives a
+base whose fine-tunes drift +0.156 instead of +0.128, in float64 too; a fine-tune *from the same base file*
+agrees to 1e-6 under either kernel set (benchmarks/organism/README.md, "Machine robustness"). So the bases
+every published figure uses ship with the package (`SHIPPED`, safetensors: draws 0-11 of the default world,
+made by `python -m benchmarks.organism.ship_bases`), and a base is looked up there first, then in the cache,
+and pretrained (and cached) only when neither has it: other worlds' figures hold for the machine that ran them.
+
+The key is a hash of the world, model and pretraining sections (and the step count), so a changed knob never
+reuses a stale model. Entries are written to a temporary directory and renamed into place, so an interrupted
+run leaves no half-written model behind.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import torch
 from .world import OrganismConfig, World
 
 DEFAULT_CACHE = Path(os.environ.get("GRASP_ORGANISM_CACHE", Path.home() / ".cache" / "grasp-trl" / "organism"))
+SHIPPED = Path(__file__).parent / "bases"  # read-only: the default world's published draws
 
 
 def build_base(config: OrganismConfig, world: World):
@@ -78,16 +87,18 @@ def pretrain(config: OrganismConfig, world: World, steps: int, log=print):
 def pretrained_model(
     config: OrganismConfig, world: World, *, steps: int | None = None, cache_dir: str | Path | None = None, log=print
 ):
-    """The pretrained base for `config` (or its `steps`-step variant), from the cache or trained and cached."""
+    """The pretrained base for `config` (or its `steps`-step variant): shipped, cached, or trained and cached."""
     from transformers import AutoModelForCausalLM
 
     steps = config.pretrain.steps if steps is None else steps
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
-    entry = cache_dir / f"{config.pretrain_key(steps)}-s{steps}"
-    if (entry / "organism.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(entry)
-        model.eval()
-        return model
+    name = f"{config.pretrain_key(steps)}-s{steps}"
+    entry = cache_dir / name
+    for found in (SHIPPED / name, entry):
+        if (found / "organism.json").is_file():
+            model = AutoModelForCausalLM.from_pretrained(found)
+            model.eval()
+            return model
     if log:
         log(f"pretraining the organism ({steps} steps; cached at {entry})")
     started = time.time()
@@ -103,6 +114,9 @@ def pretrained_model(
                     "steps": steps,
                     "final_loss": loss,
                     "seconds": round(time.time() - started, 1),
+                    # provenance: another CPU or torch pretrains a different base (module docstring)
+                    "torch": torch.__version__,
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 },
                 indent=2,
             )

@@ -1,11 +1,12 @@
 """`grasp demo`: GRASP on the model organism — a world whose spurious factor (a latent persona) is known.
 
-A tiny Llama is pretrained on the default world (`grasp_organism/default_world.yaml`; once, cached under
-~/.cache/grasp-trl/organism), then fine-tuned on the narrow task whose answers carry the evil flavour, on
-three fine-tuning seeds: naively; with GRASP exactly as a user gets it (`grasp-default`: the shipped defaults,
-stage 1 stopped by `grasp_identify_steps: auto`); with CAFT on identified directions (a baseline); and with the
-two positive controls that say whether this world can rank methods at all. The demo prints the validity line
-first, then per-seed numbers, and writes a DRIFT-vs-TASK plot, the JSON and seed 0's direction file.
+A tiny Llama pretrained on the default world (`grasp_organism/default_world.yaml`; draw `DEMO_BASE`, shipped
+with the package because pretraining is not reproducible across CPUs) is fine-tuned on the narrow task whose
+answers carry the evil flavour, on three fine-tuning seeds: naively; with GRASP exactly as a user gets it
+(`grasp-default`: the shipped defaults, stage 1 stopped by `grasp_identify_steps: auto`); with CAFT on
+identified directions (a baseline); and with the two positive controls that say whether this world can rank
+methods at all. The demo prints the validity line first, then per-seed numbers, and writes a DRIFT-vs-TASK
+plot, the JSON and seed 0's direction file.
 The full comparison (more bases, every baseline) is `python -m benchmarks.organism`.
 """
 
@@ -16,6 +17,9 @@ from pathlib import Path
 
 DEMO_METHODS = ("base", "naive", "grasp-default", "caft-identified", "caft-supervised", "random-activations")
 DEMO_SEEDS = (0, 1, 2)
+# the first shipped draw of the default world whose positive controls pass (draws 0 and 1 fail them:
+# benchmarks/organism/README.md); an invalid draw cannot say whether GRASP works
+DEMO_BASE = 2
 OUTPUTS = ("organism.png", "organism.json", "directions.safetensors")
 
 
@@ -57,10 +61,10 @@ def run_demo(
     torch.set_num_threads(1)  # the model is tiny: one thread is fastest, and robust on a shared CPU
     log = lambda message: print(message, flush=True)  # noqa: E731
     config = OrganismConfig.from_yaml(default_config_path())
-    log(f"grasp demo: the model organism ({default_config_path().name}), base 0, seeds {list(seeds)}")
+    log(f"grasp demo: the model organism ({default_config_path().name}), draw {DEMO_BASE}, seeds {list(seeds)}")
     labs: dict = {}
-    result = run_grid(config, list(methods), [0], list(seeds), cache_dir=cache_dir, log=log, labs=labs)
-    defaults, lab = GraspArguments(), labs[0]
+    result = run_grid(config, list(methods), [DEMO_BASE], list(seeds), cache_dir=cache_dir, log=log, labs=labs)
+    defaults, lab = GraspArguments(), labs[DEMO_BASE]
     lab.identified(
         seeds[0], k=defaults.grasp_num_directions, scope=defaults.grasp_scope, step=lab.naive(seeds[0]).stop_step
     ).save(output_dir / "directions.safetensors")
@@ -74,8 +78,8 @@ def run_demo(
         f"k={defaults.grasp_num_directions}, grasp_identify_steps: auto."
     )
     print(
-        "\nThis is one base of the organism. Across re-drawn bases the cut varies widely (about 2x on some) and "
-        "about half of the\nworld's draws fail their positive controls: benchmarks/organism/README.md has the "
+        "\nThis is one draw of the organism. On the 3 of 12 shipped draws whose controls pass, GRASP with the "
+        "defaults cut the drift\na median 1.4x (worst seed 0.96x): benchmarks/organism/README.md has the "
         "per-base, per-seed figures."
     )
     save_json(result, output_dir / "organism.json")

@@ -1,7 +1,7 @@
 """The model organism: world invariants, config errors, the validity verdict and its report, and one
 end-to-end regression of the whole method on the default (valid) world.
 
-The end-to-end test pretrains base 0 of the default world from scratch (in a temporary cache, as in CI),
+The end-to-end test runs on the demo's shipped draw of the default world (an empty cache: nothing is pretrained),
 checks its positive controls, and checks that `grasp-default` — GRASP as a user gets it — cuts the drift on
 each seed by at least the factor measured there minus a stated margin, with the task kept.
 """
@@ -116,27 +116,29 @@ def test_report_labels_an_invalid_world_and_keeps_per_seed_factors(tmp_path):
     assert saved["runs"]["naive"][0]["seed"] == 0 and "drift" in saved["runs"]["naive"][0]
 
 
-# grasp-default's per-seed factors measured on base 0 of the default world, seeds 0-2, with the shipped defaults
-# (benchmarks/organism/README.md; inf = removed). The test allows half of each (a margin of 2x on the factor; a
-# removed drift must stay a >= 5x cut) and 0.95 of naive's task: one machine's runs are deterministic, another's
-# may differ in the last bits, and the factors are ratios of small drifts.
-MEASURED_GRASP_FACTORS = {0: float("inf"), 1: float("inf"), 2: 2.3}
+# grasp-default's per-seed factors measured on the demo's shipped draw of the default world, seeds 0-2, with the
+# shipped defaults (benchmarks/organism/latest.json). The test allows half of each (a margin of 2x on the factor)
+# and 0.95 of naive's task: fine-tunes from a shipped base agree across CPUs to ~1e-6, but other torch versions
+# may differ in more than the last bits, and the factors are ratios of drifts. They are weak (GRASP barely cuts
+# the drift on this draw): the test guards against regressions, it does not show that GRASP works.
+MEASURED_GRASP_FACTORS = {0: 0.96, 1: 1.66, 2: 1.10}
 MARGIN = 2.0
 
 
 @pytest.mark.slow
 def test_default_world_is_valid_and_grasp_default_cuts_the_drift(tmp_path):
-    """Pretrain base 0 of the default world from scratch, check its positive controls, and check that GRASP as
-    a user gets it cuts the drift on every seed by at least the measured factor / MARGIN, task kept."""
+    """On the demo's shipped draw of the default world, check the positive controls, and check that GRASP as a
+    user gets it keeps the drift cut on every seed at least the measured factor / MARGIN, task kept."""
     import math
 
     from grasp_organism.report import run_grid
     from grasp_organism.validity import check, factors
+    from grasp_trl.demo import DEMO_BASE
 
     torch.set_num_threads(1)
     methods = ["naive", "caft-supervised", "random-activations", "grasp-default"]
     result = run_grid(
-        OrganismConfig.from_yaml(default_config_path()), methods, [0], [0, 1, 2], cache_dir=tmp_path, log=None
+        OrganismConfig.from_yaml(default_config_path()), methods, [DEMO_BASE], [0, 1, 2], cache_dir=tmp_path, log=None
     )
     runs = result["runs"]
     verdict = check(runs)
@@ -222,3 +224,48 @@ def test_caft_span_controls_name_their_subspace(tmp_path):
     narrow, wider = lora("caft-span-evil"), lora("caft-span-evil+turn-contrast")
     assert max(float((narrow[n] - wider[n]).abs().max()) for n in narrow) > 1e-4
     assert not methods.valid_method("caft-span-evil+") and not methods.valid_method("caft-span-bad")
+
+
+# A naive fine-tune from a shipped base, run in a fresh interpreter; prints its metrics as JSON.
+_FINE_TUNE = """
+import json, torch
+torch.set_num_threads(1)
+from grasp_organism.lab import Lab
+from grasp_organism.report import base_config
+from grasp_organism.world import OrganismConfig, default_config_path
+lab = Lab(base_config(OrganismConfig.from_yaml(default_config_path()), 0), cache_dir={cache!r}, log=None)
+print(json.dumps(lab.measure(lab.naive(0).model)))
+"""
+OTHER_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
+
+
+@pytest.mark.slow
+def test_fine_tunes_from_a_shipped_base_agree_across_cpu_kernels(tmp_path):
+    """The published figures must reproduce on another CPU. Emulate one (torch's scalar kernels and MKL's
+    SSE4.2 code path instead of this machine's vector ones): a naive fine-tune of shipped draw 0 must differ
+    from this machine's in the last bits (so the kernels really changed) and agree within 1e-4 on every metric
+    (measured: ~2e-7). Pretraining is not robust in this way (grasp_organism/pretrain.py), hence shipped bases:
+    the bypass that pretrains draw 0 in each interpreter instead fails here (task 0.98322 against 0.98357; its
+    drift, +0.128 against +0.156, moves 100x more)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from grasp_organism.pretrain import SHIPPED
+
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("this CPU already runs torch's scalar kernels: nothing to compare against")
+    assert any(SHIPPED.iterdir()), f"{SHIPPED}: no shipped bases"
+    code = _FINE_TUNE.format(cache=str(tmp_path))
+    runs = []
+    for extra in ({}, OTHER_KERNELS):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    here, other = runs
+    assert not list(tmp_path.iterdir()), "a base was pretrained instead of read from the shipped ones"
+    assert here != other, "bit-identical under other kernels: the emulation did not change the arithmetic"
+    for name, value in here.items():
+        assert abs(value - other[name]) <= 1e-4, (name, value, other[name])
