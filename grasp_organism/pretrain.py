@@ -2,8 +2,9 @@
 
 Pretraining is deterministic on one machine but chaotic across machines: the same code and seeds on another
 CPU's kernels (measured by emulating one, `ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2`) gives a
-base whose fine-tunes drift +0.156 instead of +0.128, in float64 too; a fine-tune *from the same base file*
-agrees to 1e-6 under either kernel set (benchmarks/organism/README.md, "Machine robustness"). So the bases
+base whose fine-tunes drift +0.156 instead of +0.128 (float64 pretraining diverges too); a fine-tune *from the
+same base file* agrees to ~2e-7 under either kernel set (benchmarks/organism/README.md, the note "machine
+robustness" at its top). So the bases
 every published figure uses ship with the package (`SHIPPED`, safetensors: draws 0-11 of the default world,
 made by `python -m benchmarks.organism.ship_bases`), and a base is looked up there first, then in the cache,
 and pretrained (and cached) only when neither has it: other worlds' figures hold for the machine that ran them.
@@ -84,6 +85,11 @@ def pretrain(config: OrganismConfig, world: World, steps: int, log=print):
     return model, smoothed
 
 
+def entry_name(config: OrganismConfig, steps: int) -> str:
+    """The directory name of a pretrained base, shipped or cached: its pretraining key and step count."""
+    return f"{config.pretrain_key(steps)}-s{steps}"
+
+
 def pretrained_model(
     config: OrganismConfig, world: World, *, steps: int | None = None, cache_dir: str | Path | None = None, log=print
 ):
@@ -92,7 +98,7 @@ def pretrained_model(
 
     steps = config.pretrain.steps if steps is None else steps
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
-    name = f"{config.pretrain_key(steps)}-s{steps}"
+    name = entry_name(config, steps)
     entry = cache_dir / name
     for found in (SHIPPED / name, entry):
         if (found / "organism.json").is_file():

@@ -18,7 +18,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    from grasp_organism.pretrain import SHIPPED, pretrained_model
+    from grasp_organism.pretrain import SHIPPED, entry_name, pretrained_model
     from grasp_organism.report import base_config
     from grasp_organism.world import OrganismConfig, World, default_config_path
 
@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     for base in range(args.bases):
         drawn = base_config(config, base)
         pretrained_model(drawn, World(drawn.world), cache_dir=SHIPPED, log=print)
-        print(f"draw {base}: {SHIPPED / (drawn.pretrain_key() + '-s' + str(drawn.pretrain.steps))}")
+        print(f"draw {base}: {SHIPPED / entry_name(drawn, drawn.pretrain.steps)}")
 
 
 if __name__ == "__main__":
