@@ -55,7 +55,7 @@ from transformers import TrainerCallback  # noqa: E402  (after the offline envir
 
 from grasp_trl.tiny import SEVEN_MODULES  # noqa: E402
 
-VARIANTS = ("plain", "activations", "weights", "both", "clamp")
+VARIANTS = ("plain", "activations", "weights", "both", "clamp", "ablate")
 
 
 @dataclass(frozen=True)
@@ -486,7 +486,9 @@ def plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     models = results["models"]
-    for offset, variant, color in zip((-0.15, -0.05, 0.05, 0.15), VARIANTS[1:], ("C0", "C1", "C2", "C3")):
+    modes = VARIANTS[1:]
+    for index, variant in enumerate(modes):
+        offset, color = 0.1 * (index - (len(modes) - 1) / 2), f"C{index}"
         xs, separate, within, lows, highs, attributed = [], [], [], [], [], []
         for entry in models:
             stats = entry["variants"].get(variant)
@@ -596,6 +598,11 @@ def main(argv: list[str] | None = None) -> None:
         default=60,
         help="GRASP steps of the within-run A/B run of each mode (each between two plain steps); 0 skips it",
     )
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS[1:]),
+        help="comma-separated GRASP modes to measure against plain (default: all of " + ", ".join(VARIANTS[1:]) + ")",
+    )
     parser.add_argument("--k", type=int, default=3, help="directions per layer")
     parser.add_argument("--memory-steps", type=int, default=2, help="steps of the per-variant memory runs; 0 skips")
     parser.add_argument(
@@ -622,6 +629,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.warmup >= args.steps:
         parser.error(f"--warmup ({args.warmup}) must be smaller than --steps ({args.steps})")
+    modes = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if not modes or any(v not in VARIANTS[1:] for v in modes):
+        parser.error(f"--variants: expected some of {list(VARIANTS[1:])}, found {list(modes)}")
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     if any(s not in SIZES for s in sizes):
         parser.error(f"--sizes: expected some of {list(SIZES)}, found {sizes}")
@@ -629,12 +639,14 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in sizes:
             print(f"{name}: interleaved trainer runs", flush=True)
-            entry = measure_trainers(SIZES[name], args.steps, args.warmup, args.repeats, args.k, Path(tmp))
+            entry = measure_trainers(
+                SIZES[name], args.steps, args.warmup, args.repeats, args.k, Path(tmp), ("plain",) + modes
+            )
             if args.pairs:
                 print(f"{name}: within-run A/B (projector toggled every step)", flush=True)
-                entry["toggled"] = measure_toggled(SIZES[name], args.pairs, args.warmup, args.k, Path(tmp))
+                entry["toggled"] = measure_toggled(SIZES[name], args.pairs, args.warmup, args.k, Path(tmp), modes)
             if args.memory_steps:
-                entry["memory"] = measure_memory(SIZES[name], args.memory_steps, args.k)
+                entry["memory"] = measure_memory(SIZES[name], args.memory_steps, args.k, ("plain",) + modes)
             results["models"].append(entry)
             if args.json:  # partial results survive an interrupted run
                 args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,10 @@ CPU's kernels (measured by emulating one, `ATEN_CPU_CAPABILITY=default MKL_ENABL
 base whose fine-tunes drift +0.156 instead of +0.128 (float64 pretraining diverges too); a fine-tune *from the
 same base file* agrees to ~2e-7 under either kernel set (benchmarks/organism/README.md, the note "machine
 robustness" at its top). So the bases
-every published figure uses ship with the package (`SHIPPED`, safetensors: draws 0-11 of the default world,
-made by `python -m benchmarks.organism.ship_bases`), and a base is looked up there first, then in the cache,
-and pretrained (and cached) only when neither has it: other worlds' figures hold for the machine that ran them.
+every published figure uses ship with the package (`SHIPPED`, safetensors: draws 0-11 of the default world and
+0-7 of `benchmarks/organism/worlds/closer_speeds.yaml`, made by `python -m benchmarks.organism.ship_bases`), and a
+base is looked up there first, then in the cache, and pretrained (and cached) only when neither has it: other
+worlds' and draws' figures hold for the machine that ran them.
 
 The key is a hash of the world, model and pretraining sections (and the step count), so a changed knob never
 reuses a stale model. Entries are written to a temporary directory and renamed into place, so an interrupted
@@ -30,7 +31,7 @@ import torch
 from .world import OrganismConfig, World
 
 DEFAULT_CACHE = Path(os.environ.get("GRASP_ORGANISM_CACHE", Path.home() / ".cache" / "grasp-trl" / "organism"))
-SHIPPED = Path(__file__).parent / "bases"  # read-only: the default world's published draws
+SHIPPED = Path(__file__).parent / "bases"  # read-only: the published draws (default and closer-speeds worlds)
 
 
 def build_base(config: OrganismConfig, world: World):

@@ -149,11 +149,13 @@ class GraspArguments:
             "help": "both (default): activations and weights together; activations: project the directions out of the "
             "gradient of every block's output residual (forward untouched); weights: constrain the LoRA/full-"
             "weight update to be orthogonal to them — alone it does NOTHING to the drift in the valid organism "
-            "(0.7-1.6x on 15 seeds; the frozen blocks still write the factor), its value is as half of both, "
-            "where it keeps retention up; clamp (LoRA only): during training hold each block output's "
-            "component along the directions at the base model's value (one extra no-grad forward per step): "
-            "a larger drift cut than both in the organism (median 3.1x against 2.2x) at a retention cost. "
-            "Measured in benchmarks/organism/README.md."
+            "(0.8-0.9x; the frozen blocks still write the factor), its value is as half of both, where it keeps "
+            "retention up; clamp (LoRA only): during training hold each block output's component along the "
+            "directions at the base model's value (one extra no-grad forward per step): no larger cut than both "
+            "on the shipped organism draws, at a task and retention cost; ablate: during training remove that "
+            "component (CAFT's mechanism with GRASP's identification; inference untouched, no extra forward): "
+            "the largest cut with the same identified directions on the shipped organism draws (median 2.9x "
+            "against both's 1.4x), but not GRASP's own mechanism. Measured in benchmarks/organism/README.md."
         },
     )
     grasp_sides: str = field(

@@ -3,8 +3,9 @@
 A tiny Llama pretrained on the default world (`grasp_organism/default_world.yaml`; draw `DEMO_BASE`, shipped
 with the package because pretraining is not reproducible across CPUs) is fine-tuned on the narrow task whose
 answers carry the evil flavour, on three fine-tuning seeds: naively; with GRASP exactly as a user gets it
-(`grasp-default`: the shipped defaults, stage 1 stopped by `grasp_identify_steps: auto`); with CAFT on
-identified directions (a baseline); and with the two positive controls that say whether this world can rank
+(`grasp-default`: the shipped defaults, stage 1 stopped by `grasp_identify_steps: auto`); with CAFT on the
+same identified directions (`grasp_projection: ablate`, the baseline the benchmark measured ahead); and with
+the two positive controls that say whether this world can rank
 methods at all. The demo prints the validity line first, then per-seed numbers, and writes a DRIFT-vs-TASK
 plot, the JSON and seed 0's direction file.
 The full comparison (more bases, every baseline) is `python -m benchmarks.organism`.
@@ -15,7 +16,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEMO_METHODS = ("base", "naive", "grasp-default", "caft-identified", "caft-supervised", "random-activations")
+DEMO_METHODS = (
+    "base",
+    "naive",
+    "grasp-default",
+    "grasp-ablate-global-k1-auto",
+    "caft-supervised",
+    "random-activations",
+)
 DEMO_SEEDS = (0, 1, 2)
 # the first shipped draw of the default world whose positive controls pass (draws 0 and 1 fail them:
 # benchmarks/organism/README.md); an invalid draw cannot say whether GRASP works
@@ -79,8 +87,8 @@ def run_demo(
     )
     print(
         "\nThis is one draw of the organism. On the 3 of 12 shipped draws whose controls pass, GRASP with the "
-        "defaults cut the drift\na median 1.4x (worst seed 0.96x): benchmarks/organism/README.md has the "
-        "per-base, per-seed figures."
+        "defaults cut the drift\na median 1.4x (worst seed 0.96x), and grasp_projection: ablate (CAFT's mechanism, "
+        "the same directions)\n2.9x (worst 1.7x): benchmarks/organism/README.md has the per-base, per-seed figures."
     )
     save_json(result, output_dir / "organism.json")
     plot(result, output_dir / "organism.png", title="grasp demo")

@@ -157,7 +157,7 @@ def reject_fsdp(args, accelerator=None, projection: str | None = None) -> None:
     FSDP2 (`fully_shard`, DTensor parameters; transformers' `fsdp_config={"version": 2}`, the default in
     transformers 5, or accelerate's `FSDP_VERSION=2`) is supported for `activations`, `weights` and `both`:
     the residual hooks act inside autograd, and `weights` mode projects each rank's shard (`grasp_trl.fsdp`).
-    FSDP1 (flattened `FlatParameter`s) and `clamp` under FSDP2 (untested) are rejected, naming the alternative.
+    FSDP1 (flattened `FlatParameter`s) and `clamp`/`ablate` under FSDP2 (untested) are rejected, naming the alternative.
     The version comes from the accelerator's FSDP plugin when there is one, else from `args` and the
     environment (`grasp_trl.fsdp.fsdp_version`)."""
     plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
@@ -173,9 +173,9 @@ def reject_fsdp(args, accelerator=None, projection: str | None = None) -> None:
             "fsdp_version: 2, see recipes/accelerate/fsdp2.yaml) or DeepSpeed ZeRO-3 "
             "(deepspeed=recipes/deepspeed/zero3.json; see docs/SUPPORT.md)."
         )
-    if projection == "clamp":
+    if projection in ("clamp", "ablate"):
         raise ValueError(
-            "GRASP: grasp_projection='clamp' is not supported under FSDP (its extra base-model "
-            "forward inside the root forward is untested with fully_shard); use 'activations' or "
-            "'both' under FSDP2, or clamp under DeepSpeed/single process (see docs/SUPPORT.md)."
+            f"GRASP: grasp_projection='{projection}' is not supported under FSDP (its block-output edit, "
+            "decided in the root forward's hooks, is untested with fully_shard); use 'activations' or "
+            f"'both' under FSDP2, or {projection} under DeepSpeed/single process (see docs/SUPPORT.md)."
         )

@@ -31,6 +31,16 @@ Three mechanisms (DESIGN §1):
   LoRA only (the adapter-disabled forward is the base; full fine-tuning would need a frozen copy of the base).
   Gradient checkpointing is fine: the recomputed forward clamps to the same recorded reference.
 
+* `ablate` — CAFT's mechanism with GRASP's directions: during training only, each hooked block output loses
+  its component along `U_l`: `h <- h - (h U) U^T`. Downstream blocks then never see the directions while the
+  adapter learns, so nothing can learn to write *or read* them; at inference nothing is ablated and the
+  pretrained content along `U_l` flows as in the base. No extra forward; works for LoRA, QLoRA and full
+  fine-tuning alike. Not GRASP's own mechanism (the paper's claim is that projection keeps the pretrained
+  content *during* training, which ablation does not); it is here because in the organism benchmark it cut the
+  drift more than any projection mode with the same identified directions (benchmarks/organism/README.md).
+  Only forwards in train mode with grad enabled are edited: evaluation, generation and DPO's reference pass
+  are untouched; gradient checkpointing's recomputation ablates again, identically.
+
 All projection math runs in fp32 and is cast back to the tensor's dtype.
 """
 
@@ -48,8 +58,8 @@ from .directions import DirectionSet
 from .lora import READER_LAYERS, ReaderLayer, active_adapter, residual_side
 from .modules import check_target_modules, decoder_blocks
 
-Projection = Literal["activations", "weights", "both", "clamp"]
-PROJECTIONS = ("activations", "weights", "both", "clamp")
+Projection = Literal["activations", "weights", "both", "clamp", "ablate"]
+PROJECTIONS = ("activations", "weights", "both", "clamp", "ablate")
 
 
 def remove_component(
@@ -184,7 +194,8 @@ class GradientProjector:
         directions: the `DirectionSet` to project out (validated against the model).
         projection: `activations` (default; residual-stream gradient projection), `weights` (constrain the
             update of LoRA A/B or full weights), `both`, or `clamp` (hold each block output's component along
-            the directions at the base model's value during training; LoRA only).
+            the directions at the base model's value during training; LoRA only), or `ablate` (remove that
+            component during training, CAFT's mechanism).
         sides: `weights` mode: constrain writers, readers or both.
         reader_layer: which block's basis constrains a reader in block `l`: `own` (`U_l`, default; the stream
             the block's writers are constrained on) or `input` (`U_{l-1}`, the stream it actually reads; block
@@ -244,6 +255,7 @@ class GradientProjector:
         self._norms: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # kind -> (||g||^2, ||removed||^2)
         self._reference: dict[int, torch.Tensor] = {}  # clamp: h_base U per hooked block, for the current batch
         self._capturing = False  # clamp: the base (adapter-disabled) forward is running
+        self._training_forward = False  # clamp/ablate: a train-mode, grad-enabled model forward is running
         self.attached = False
         self.timing = False  # with True, `seconds` accumulates the time spent in the per-step entry points
         self.seconds = 0.0
@@ -261,6 +273,10 @@ class GradientProjector:
     def uses_clamp(self) -> bool:
         return self.projection == "clamp"
 
+    @property
+    def uses_ablate(self) -> bool:
+        return self.projection == "ablate"
+
     # ------------------------------------------------------------------------------------------ lifecycle
     def attach(self) -> GradientProjector:
         """Register the hooks; in `weights` mode build the constraints and project the current parameters."""
@@ -270,7 +286,7 @@ class GradientProjector:
             self.attached = True
             return self
         constraints = self.check_constrainable()  # before any hook exists
-        if self.uses_activations or self.uses_clamp:
+        if self.uses_activations or self.uses_clamp or self.uses_ablate:
             if self.uses_clamp and not hasattr(self.model, "disable_adapter"):
                 raise ValueError(
                     "projection='clamp' needs a PEFT (LoRA/QLoRA) model: the base model's forward is "
@@ -279,11 +295,14 @@ class GradientProjector:
                     "base; use 'activations' or 'both' there)"
                 )
             blocks = decoder_blocks(self.model)
-            on_output = self._clamp_block_output if self.uses_clamp else self._on_block_output
+            on_output = {"clamp": self._clamp_block_output, "ablate": self._ablate_block_output}.get(
+                self.projection, self._on_block_output
+            )
             for layer in self.directions.bases:
                 self._handles.append(blocks[layer].register_forward_hook(functools.partial(on_output, layer)))
-            if self.uses_clamp:
-                self._handles.append(self.model.register_forward_pre_hook(self._record_reference, with_kwargs=True))
+            if self.uses_clamp or self.uses_ablate:
+                self._handles.append(self.model.register_forward_pre_hook(self._enter_forward, with_kwargs=True))
+                self._handles.append(self.model.register_forward_hook(self._exit_forward))
         if self.uses_weights:
             self.constraints = constraints
             self.groups = group_constraints(self.constraints)
@@ -345,24 +364,40 @@ class GradientProjector:
         self._record("residual", total, removed)
         return projected
 
-    # ---------------------------------------------------------------------------------------- clamp mode
-    @_timed
-    def _record_reference(self, model, args, kwargs):
-        """Before a training forward (module in train mode, grad enabled): run the base on the same inputs,
-        adapter disabled and without grad, so each hooked block records `h_base U`. Any other forward (eval,
-        no-grad such as DPO's reference pass, or the base forward itself) clears the reference: no clamp."""
+    # ------------------------------------------------------------------------------- clamp and ablate modes
+    def _enter_forward(self, model, args, kwargs):
+        """Before each model forward: note whether it is a training one (train mode, grad enabled); for clamp,
+        run the base on the same inputs first (adapter disabled, no grad) so each hooked block records
+        `h_base U`. The flag is needed because under reentrant gradient checkpointing the blocks' first forward
+        runs with grad disabled; the recomputation in backward runs with grad enabled."""
         if self._capturing:
             return None
+        self._training_forward = model.training and torch.is_grad_enabled()
+        if self.uses_clamp and self._training_forward:
+            self._record_reference(model, args, kwargs)
+        return None
+
+    def _exit_forward(self, model, args, output):
+        if not self._capturing:
+            self._training_forward = False
+
+    def _edits(self, module) -> bool:
+        """Whether a block forward is edited: one inside a training model forward, or the recomputation of one
+        in backward (grad enabled). A no-grad forward in train mode (DPO's reference pass, generation) is not,
+        and does not disturb the edit of a training forward whose backward is still to come."""
+        return module.training and (self._training_forward or torch.is_grad_enabled())
+
+    @_timed
+    def _record_reference(self, model, args, kwargs):
+        """Clamp: the base forward on the training batch; its `h_base U` is kept until the next training forward
+        (a recomputation in backward clamps to it)."""
         self._reference = {}
-        if not (model.training and torch.is_grad_enabled()):
-            return None
         self._capturing = True
         try:
             with torch.no_grad(), model.disable_adapter():
                 model(*args, **kwargs)
         finally:
             self._capturing = False
-        return None
 
     @_timed
     def _clamp_block_output(self, layer, module, args, output):
@@ -374,10 +409,19 @@ class GradientProjector:
             self._reference[layer] = hidden.float() @ basis
             return None
         reference = self._reference.get(layer)
-        if reference is None or reference.shape[:-1] != hidden.shape[:-1]:
+        if not self._edits(module) or reference is None or reference.shape[:-1] != hidden.shape[:-1]:
             return None
         clamped = (hidden.float() - (hidden.float() @ basis - reference) @ basis.T).to(hidden.dtype)
         return (clamped,) + tuple(output[1:]) if isinstance(output, tuple) else clamped
+
+    @_timed
+    def _ablate_block_output(self, layer, module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if not (isinstance(hidden, torch.Tensor) and self._edits(module)):
+            return None
+        basis = self._basis(layer, hidden.device)
+        ablated = (hidden.float() - (hidden.float() @ basis) @ basis.T).to(hidden.dtype)
+        return (ablated,) + tuple(output[1:]) if isinstance(output, tuple) else ablated
 
     # ---------------------------------------------------------------------------------------------- stats
     def _record(self, kind: str, total: torch.Tensor, removed: torch.Tensor) -> None:

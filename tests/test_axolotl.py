@@ -132,7 +132,7 @@ def test_without_the_plugins_line_only_axolotl_0_19_drops_grasp(workspace):
         ),
         (
             {"grasp_identify_steps": 2, "grasp_projection": "gradients"},
-            "grasp_projection: expected one of activations, weights, both, clamp; found 'gradients'",
+            "grasp_projection: expected one of activations, weights, both, clamp, ablate; found 'gradients'",
         ),
         (
             {"grasp_identify_steps": 2, "grasp_scope": "layer"},

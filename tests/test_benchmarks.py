@@ -94,9 +94,9 @@ def test_overhead_benchmark_writes_json_and_plot(tmp_path):
     data = json.loads(out.read_text())
     (model,) = data["models"]
     assert model["model"]["name"] == "tiny" and model["parameters"] > 0
-    assert set(model["variants"]) == {"plain", "activations", "weights", "both", "clamp"}
+    assert set(model["variants"]) == {"plain", "activations", "weights", "both", "clamp", "ablate"}
     assert len(model["variants"]["plain"]["step_seconds"][0]) == 1  # 2 steps, 1 warm-up discarded
-    for variant in ("activations", "weights", "both", "clamp"):
+    for variant in ("activations", "weights", "both", "clamp", "ablate"):
         stats = model["variants"][variant]
         for key in ("ratio_median", "ratio_p10", "ratio_p90", "train_ratio"):
             assert positive(stats[key]), (variant, key)
@@ -152,6 +152,6 @@ def test_overhead_memory_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     memory = json.loads(out.read_text())["models"][0]["memory"]
-    assert set(memory) == {"plain", "activations", "weights", "both", "clamp"}
-    for variant in ("activations", "weights", "both", "clamp"):
+    assert set(memory) == {"plain", "activations", "weights", "both", "clamp", "ablate"}
+    for variant in ("activations", "weights", "both", "clamp", "ablate"):
         assert positive(memory[variant]["memory_ratio"]) and positive(memory[variant]["peak_rss_mb"])

@@ -2,11 +2,12 @@
 
 During a training forward each hooked block output is `h - (h U) U^T + (h_base U) U^T`, with `h_base` the
 adapter-disabled output on the same batch. Checked in fp32, to 1e-6 of the magnitudes involved: the component
-along U equals the base's, the orthogonal complement equals the unclamped output's, and a loss that depends
-on the model only through `h U` moves no parameter; with and without gradient checkpointing. Outside
-training (eval mode, no grad) the forward is untouched. (The along-U check is relative to |h|: that is the
-scale fp32 rounding of the clamp works at.) A bypass run (projector detached) shows each check
-can fail.
+along U equals the base's and the orthogonal complement equals the unclamped output's, with and without
+gradient checkpointing; the loss equals an independent by-hand edit's; full fine-tuning is refused. (The
+along-U check is relative to |h|: that is the scale fp32 rounding of the clamp works at.) What clamp shares
+with `ablate` (a loss through `h U` moves no parameter, eval and no-grad forwards untouched, a no-grad forward
+before backward leaves the gradient alone) is in `test_forward_edits.py`. A bypass run (projector detached)
+shows each check can fail.
 """
 
 import pytest
@@ -16,7 +17,7 @@ from grasp_trl.directions import DirectionSet
 from grasp_trl.modules import decoder_blocks
 from grasp_trl.projection import GradientProjector
 from grasp_trl.tiny import build_model
-from testing_utils import lora_model, randomise_lora_b
+from testing_utils import training_model
 
 TOL = 1e-6
 
@@ -39,18 +40,6 @@ def block_outputs(model, batch) -> dict[int, torch.Tensor]:
     return captured
 
 
-def clamp_model(checkpointing=None, seed=0):
-    model = lora_model(r=4, num_layers=3, seed=seed)
-    randomise_lora_b(model, seed=seed, scale=0.3)
-    if checkpointing:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
-        )
-        model.enable_input_require_grads()
-    model.train()
-    return model
-
-
 def base_outputs(model, batch):
     with torch.no_grad(), model.disable_adapter():
         return {l: h.detach() for l, h in block_outputs(model, batch).items()}
@@ -59,7 +48,7 @@ def base_outputs(model, batch):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("checkpointing", [None, "reentrant", "non_reentrant"])
 def test_component_along_u_is_the_base_one_and_the_rest_is_the_adapters(seed, checkpointing, tiny_batch):
-    model = clamp_model(checkpointing, seed)
+    model = training_model("lora", checkpointing, seed)
     directions = DirectionSet.random(32, 3, k=2, seed=10 + seed)
     reference = base_outputs(model, tiny_batch)
     unclamped = {l: h.detach() for l, h in block_outputs(model, tiny_batch).items()}
@@ -80,47 +69,12 @@ def test_component_along_u_is_the_base_one_and_the_rest_is_the_adapters(seed, ch
     )  # the adapter does move h along U: the check can fail
 
 
-@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non_reentrant"])
-def test_loss_through_u_moves_no_parameter(checkpointing, tiny_batch):
-    model = clamp_model(checkpointing)
-    directions = DirectionSet.random(32, 3, k=2, seed=3)
-    for layer, basis in directions.bases.items():
-
-        def loss():
-            model.zero_grad(set_to_none=True)
-            readout = block_outputs(model, tiny_batch)[layer] @ basis
-            (readout.pow(2) + readout).sum().backward()
-            return (
-                sum(float(p.grad.norm()) ** 2 for p in model.parameters() if p.requires_grad and p.grad is not None)
-                ** 0.5
-            )
-
-        unclamped = loss()
-        assert unclamped > 1e-3
-        projector = GradientProjector(model, directions, "clamp").attach()
-        assert loss() <= TOL * unclamped, layer
-        projector.detach()
-
-
-def test_eval_and_no_grad_forwards_are_untouched(tiny_batch):
-    model = clamp_model()
-    directions = DirectionSet.random(32, 3, k=2, seed=4)
-    model.eval()
-    expected = model(**tiny_batch).logits.detach()
-    with GradientProjector(model, directions, "clamp"):
-        assert torch.equal(model(**tiny_batch).logits.detach(), expected)
-        model.train()
-        with torch.no_grad():  # e.g. DPO's reference pass, or an evaluation inside training
-            assert torch.equal(model(**tiny_batch).logits, expected)
-        assert not torch.equal(model(**tiny_batch).logits.detach(), expected)  # training forward: clamped
-
-
 def test_training_loss_matches_the_formula(tiny_batch):
     """End to end: the clamped model's loss equals the loss of a model whose block outputs are edited by hand
     with the same formula (an independent implementation, as CAFT-style forward hooks)."""
     from grasp_trl.modules import block_output_hooks
 
-    model = clamp_model()
+    model = training_model("lora")
     directions = DirectionSet.random(32, 3, k=1, seed=5)
     reference = {l: h @ directions.bases[l] for l, h in base_outputs(model, tiny_batch).items()}
 

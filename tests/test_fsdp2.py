@@ -267,7 +267,7 @@ def test_trainer_under_fsdp2_equals_single_process(trainer_runs, name):
 
 
 # ---------------------------------------------------------------------------------- what stays rejected
-def test_fsdp1_and_clamp_are_rejected_fsdp2_accepted(tmp_path, monkeypatch):
+def test_fsdp1_clamp_and_ablate_are_rejected_fsdp2_accepted(tmp_path, monkeypatch):
     from transformers import TrainingArguments
 
     from grasp_trl.fsdp import reject_fsdp
@@ -283,8 +283,9 @@ def test_fsdp1_and_clamp_are_rejected_fsdp2_accepted(tmp_path, monkeypatch):
     for projection in ("activations", "weights", "both"):
         reject_fsdp(fsdp2, projection=projection)
     reject_fsdp(args(fsdp="full_shard"), projection="weights")  # transformers 5: version 2 by default
-    with pytest.raises(ValueError, match="clamp.*not supported under FSDP.*'activations' or 'both'"):
-        reject_fsdp(fsdp2, projection="clamp")
+    for projection in ("clamp", "ablate"):
+        with pytest.raises(ValueError, match=f"'{projection}' is not supported under FSDP.*'activations' or 'both'"):
+            reject_fsdp(fsdp2, projection=projection)
     with pytest.raises(ValueError, match="FSDP1.*fsdp_version: 2.*recipes/accelerate/fsdp2.yaml.*zero3.json"):
         reject_fsdp(args(fsdp="full_shard", fsdp_config={"version": 1}))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch / Axolotl: FSDP_VERSION, default 1

@@ -185,12 +185,8 @@ def test_decompose_splits_the_shift_exactly(seed):
     assert abs(split["along_u"] - 1) <= 1e-12 and abs(split["via_perp"]) <= 1e-12
 
 
-def test_caft_span_controls_name_their_subspace(tmp_path):
-    """`caft-span-*` (benchmarks/organism/baselines.py) on a briefly pretrained tiny organism: the span of the
-    shipped vector alone is `caft-supervised` (same metrics; float32 vs float64 normalisation, tolerance 1e-5),
-    each candidate vector is finite and non-zero on every layer, and adding a second vector changes the run."""
-    from benchmarks.organism.baselines import SUPERVISED_VECTORS, supervised_vectors
-    from grasp_organism import methods
+def tiny_lab(tmp_path):
+    """A briefly pretrained 2-block organism (seconds): for checks of how methods relate, not of their effect."""
     from grasp_organism.lab import Lab
 
     torch.set_num_threads(1)
@@ -202,7 +198,37 @@ def test_caft_span_controls_name_their_subspace(tmp_path):
         finetune=dataclasses.replace(config.finetune, steps=10),
         eval=dataclasses.replace(config.eval, prompts=40),
     )
-    lab = Lab(config, cache_dir=tmp_path, log=lambda *a, **k: None)
+    return Lab(config, cache_dir=tmp_path, log=lambda *a, **k: None)
+
+
+def test_ablate_mode_is_caft_with_the_same_directions(tmp_path):
+    """`grasp_projection: ablate` (the projector's forward hook) against the benchmark's own CAFT edit
+    (`methods.ablate` through `block_output_hooks`), two implementations of one formula: the same metrics to
+    1e-6 with the identified and with the supervised directions; clamp with the same directions differs."""
+    import benchmarks.organism.baselines  # noqa: F401  (registers caft-identified-auto)
+    from grasp_organism import methods
+
+    lab = tiny_lab(tmp_path)
+    for projector_run, caft_run in (
+        ("grasp-ablate-global-k1-auto", "caft-identified-auto"),
+        ("oracle-ablate", "caft-supervised"),
+    ):
+        ours, theirs = methods.run(lab, projector_run, 0).metrics, methods.run(lab, caft_run, 0).metrics
+        for key in ("drift", "task", "retention", "conditional"):
+            assert abs(ours[key] - theirs[key]) <= 1e-6, (projector_run, key, ours[key], theirs[key])
+    clamped = methods.run(lab, "grasp-clamp-global-k1-auto", 0).metrics
+    caft = methods.run(lab, "caft-identified-auto", 0).metrics
+    assert max(abs(clamped[k] - caft[k]) for k in ("drift", "task", "retention")) > 1e-4  # the check can fail
+
+
+def test_caft_span_controls_name_their_subspace(tmp_path):
+    """`caft-span-*` (benchmarks/organism/baselines.py) on a briefly pretrained tiny organism: the span of the
+    shipped vector alone is `caft-supervised` (same metrics; float32 vs float64 normalisation, tolerance 1e-5),
+    each candidate vector is finite and non-zero on every layer, and adding a second vector changes the run."""
+    from benchmarks.organism.baselines import SUPERVISED_VECTORS, supervised_vectors
+    from grasp_organism import methods
+
+    lab = tiny_lab(tmp_path)
     vectors = supervised_vectors(lab)
     assert sorted(vectors) == sorted(SUPERVISED_VECTORS)
     for name, per_layer in vectors.items():

@@ -227,23 +227,7 @@ def test_identify_auto_stops_by_the_rule_and_equals_stage2_from_saved_file(base,
     assert one_call.state.global_step == 10
 
 
-@pytest.mark.parametrize("kind,checkpointing", [("sft", False), ("sft", True), ("dpo", False)])
-def test_clamp_mode_in_the_trainers(kind, checkpointing, base, directions_file, tmp_path):
-    """clamp through TRL's own forward (SFT, DPO with its adapter-disabled reference pass): the loss falls, and
-    on the trained model a training forward's block outputs along U are the base's to 1e-6 of |h|."""
-    trainer = run(
-        kind,
-        base,
-        tmp_path,
-        steps=12,
-        grasp_directions=str(directions_file),
-        grasp_projection="clamp",
-        gradient_checkpointing=checkpointing,
-    )
-    history = losses(trainer)
-    assert history[-1] < history[0], history
-    model, directions = trainer.model, DirectionSet.load(directions_file)
-    batch = torch.randint(4, 90, (2, 10), generator=torch.Generator().manual_seed(0))
+def block_outputs_of(model, batch) -> dict[int, torch.Tensor]:
     captured = {}
     handles = [
         block.register_forward_hook(
@@ -251,29 +235,45 @@ def test_clamp_mode_in_the_trainers(kind, checkpointing, base, directions_file, 
         )
         for l, block in enumerate(decoder_blocks(model))
     ]
+    try:
+        model(input_ids=batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+@pytest.mark.parametrize("mode", ["clamp", "ablate"])
+@pytest.mark.parametrize("kind,checkpointing", [("sft", False), ("sft", True), ("dpo", False), ("dpo", True)])
+def test_forward_edit_modes_in_the_trainers(mode, kind, checkpointing, base, directions_file, tmp_path):
+    """clamp and ablate through TRL's own forward (SFT, DPO with its adapter-disabled reference pass between the
+    policy forward and backward, reentrant gradient checkpointing): the loss falls, and on the trained model a
+    training forward's block outputs along U are the base's (clamp) or zero (ablate) to 1e-6 of |h|."""
+    trainer = run(
+        kind,
+        base,
+        tmp_path,
+        steps=12,
+        grasp_directions=str(directions_file),
+        grasp_projection=mode,
+        gradient_checkpointing=checkpointing,
+    )
+    history = losses(trainer)
+    assert history[-1] < history[0], history
+    model, directions = trainer.model, DirectionSet.load(directions_file)
+    batch = torch.randint(4, 90, (2, 10), generator=torch.Generator().manual_seed(0))
     model.train()
     with torch.no_grad(), model.disable_adapter():
-        model(input_ids=batch)
-    reference = dict(captured)
-    model(input_ids=batch)
-    for handle in handles:
-        handle.remove()
+        reference = block_outputs_of(model, batch)
+    if mode == "ablate":
+        reference = {l: torch.zeros_like(h) for l, h in reference.items()}
+    edited = block_outputs_of(model, batch)
     for layer, basis in directions.bases.items():
-        error = ((captured[layer] - reference[layer]) @ basis).norm()
-        assert error <= TOL * captured[layer].norm(), (layer, float(error))
-    trainer.grasp_projector.detach()  # bypass: the trained adapter does move the block outputs along U
-    handles = [
-        block.register_forward_hook(
-            lambda m, a, out, l=l: captured.__setitem__(l, out[0] if isinstance(out, tuple) else out)
-        )
-        for l, block in enumerate(decoder_blocks(model))
-    ]
-    model(input_ids=batch)
-    for handle in handles:
-        handle.remove()
-    assert any(
-        ((captured[l] - reference[l]) @ b).norm() > 1e-3 * captured[l].norm() for l, b in directions.bases.items()
-    )
+        error = ((edited[layer] - reference[layer]) @ basis).norm()
+        assert error <= TOL * edited[layer].norm(), (layer, float(error))
+    trainer.grasp_projector.detach()  # bypass: the trained model does put its own content along U
+    plain = block_outputs_of(model, batch)
+    assert any(((plain[l] - reference[l]) @ b).norm() > 1e-3 * plain[l].norm() for l, b in directions.bases.items())
 
 
 @pytest.mark.parametrize("projection", ["weights", "activations"])

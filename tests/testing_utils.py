@@ -36,6 +36,23 @@ def randomise_lora_b(model, seed=0, scale=0.1):
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
 
 
+def training_model(kind="lora", checkpointing=None, seed=0):
+    """A tiny 3-block model in train mode: LoRA with a non-zero update (`kind="lora"`) or a plain model
+    (`"full"`), with gradient checkpointing (`"reentrant"`/`"non_reentrant"`) when asked."""
+    if kind == "lora":
+        model = lora_model(r=4, num_layers=3, seed=seed)
+        randomise_lora_b(model, seed=seed, scale=0.3)
+    else:
+        model = build_model("llama", vocab_size=100, hidden_size=32, num_layers=3, seed=seed)
+    if checkpointing:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
+        )
+        model.enable_input_require_grads()
+    model.train()
+    return model
+
+
 # ------------------------------------------------------------------------------------------ leakage oracle
 # Written here, independently of the library's identification code (grasp_trl.identify / verify / projection's
 # Gram formula): the dense update dW from PEFT itself (in memory) or as scaling * B @ A from the safetensors file

@@ -14,8 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CONTROLS = ["naive", "caft-supervised", "random-activations"]
-GRASP_MODES = [f"grasp-{mode}-global-k{k}-auto" for mode in ("activations", "weights", "both", "clamp") for k in (1, 2)]
-ORACLES = [f"oracle-{mode}" for mode in ("activations", "weights", "both", "clamp")]
+MODES = ("activations", "weights", "both", "clamp", "ablate")
+GRASP_MODES = [f"grasp-{mode}-global-k{k}-auto" for mode in MODES for k in (1, 2)]
+ORACLES = [f"oracle-{mode}" for mode in MODES]
 BASELINES = ["caft-identified", "caft-identified-auto", "posthoc", "kl-base"]
 PRESETS = {
     "controls": CONTROLS,
@@ -46,6 +47,13 @@ def main(argv=None) -> None:
         type=int,
         default=2,
         help="draws 0..B-1 of the organism (world, model and pretraining seeds offset by the draw)",
+    )
+    parser.add_argument(
+        "--draws",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run these draws instead of 0..B-1 (e.g. --draws 2 3 8: the valid shipped ones)",
     )
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds 0..N-1 (same for every method)")
     parser.add_argument(
@@ -86,12 +94,15 @@ def main(argv=None) -> None:
     bad = [m for m in methods if not valid_method(m)]
     if bad:
         parser.error(f"unknown method(s) {bad}; known: {known_methods()}; presets: {sorted(PRESETS)}")
+    draws = args.draws if args.draws is not None else list(range(args.bases))
+    if any(d < 0 for d in draws) or len(set(draws)) != len(draws):
+        parser.error(f"--draws: expected distinct non-negative draw numbers; found {args.draws}")
     config = OrganismConfig.from_yaml(args.world or default_config_path())
     log = lambda message: print(message, flush=True)  # noqa: E731
     result = run_grid(
         config,
         methods,
-        list(range(args.bases)),
+        draws,
         list(range(args.seeds)),
         cache_dir=args.cache_dir,
         log=log,
@@ -104,7 +115,7 @@ def main(argv=None) -> None:
     for base, metrics in result["base_metrics"].items():
         print(f"base {base}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     print(table(result))
-    print(f"\n{len(methods)} methods x {args.bases} bases x {args.seeds} seeds in {result['seconds']:.0f}s")
+    print(f"\n{len(methods)} methods x {len(draws)} bases x {args.seeds} seeds in {result['seconds']:.0f}s")
     if args.plot:
         plot(result, args.plot)
 

@@ -1,0 +1,126 @@
+"""The two forward-edit modes as properties on random LoRA and full models, directions and data (DESIGN §1).
+
+`ablate`: during a training forward each hooked block output is `h - (h U) U^T`. Checked in fp32: the component
+along U is zero to 1e-6 of |h| (the scale fp32 rounding of the edit works at), block 0's orthogonal complement
+is the unedited output's, and the loss equals that of an independent by-hand edit (CAFT-style hooks).
+Both `ablate` and `clamp` (whose own properties are in `test_clamp.py`): a loss that depends on the model only
+through `h U` moves no parameter (LoRA; full fine-tuning for ablate; with and without gradient checkpointing),
+eval and no-grad forwards are untouched, and a no-grad forward between a training forward and its backward
+(DPO's reference pass) leaves the gradient alone under reentrant checkpointing. A bypass run shows each check
+can fail.
+"""
+
+import pytest
+import torch
+
+from grasp_trl.directions import DirectionSet
+from grasp_trl.modules import block_output_hooks
+from grasp_trl.projection import GradientProjector
+from testing_utils import training_model
+
+TOL = 1e-6
+
+
+def outputs(model, batch) -> dict[int, torch.Tensor]:
+    """Each block's output as the next block sees it (hooks registered after the projector's run after it)."""
+    captured = {}
+    with block_output_hooks(model, lambda layer, hidden: captured.__setitem__(layer, hidden)):
+        model(input_ids=batch["input_ids"])
+    return captured
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non_reentrant"])
+def test_component_along_u_is_removed_and_the_rest_kept(seed, checkpointing, tiny_batch):
+    model = training_model("lora", checkpointing, seed)
+    directions = DirectionSet.random(32, 3, k=2, seed=10 + seed)
+    unedited = {l: h.detach() for l, h in outputs(model, tiny_batch).items()}
+    projector = GradientProjector(model, directions, "ablate").attach()
+    ablated = outputs(model, tiny_batch)
+    for layer, basis in directions.bases.items():
+        assert (ablated[layer] @ basis).norm() <= TOL * ablated[layer].norm(), layer
+    basis = directions.bases[0]  # block 0 reads the embedding: its complement is its own unedited output's
+    rest = unedited[0] - (unedited[0] @ basis) @ basis.T
+    assert (ablated[0] - rest).norm() <= 1e-5 * rest.norm()
+    projector.detach()
+    bypass = outputs(model, tiny_batch)
+    assert all((bypass[l] @ b).norm() > 1e-3 * bypass[l].norm() for l, b in directions.bases.items())
+
+
+EDIT_CASES = [(m, "lora", c) for m in ("ablate", "clamp") for c in (None, "reentrant", "non_reentrant")]
+
+
+@pytest.mark.parametrize("mode,kind,checkpointing", EDIT_CASES + [("ablate", "full", None)])
+def test_loss_through_u_moves_no_parameter(mode, kind, checkpointing, tiny_batch):
+    model = training_model(kind, checkpointing)
+    directions = DirectionSet.random(32, 3, k=2, seed=3)
+    for layer, basis in directions.bases.items():
+
+        def gradient_norm():
+            model.zero_grad(set_to_none=True)
+            readout = outputs(model, tiny_batch)[layer] @ basis
+            (readout.pow(2) + readout).sum().backward()
+            grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+            return sum(float(g.norm()) ** 2 for g in grads) ** 0.5
+
+        unedited = gradient_norm()
+        assert unedited > 1e-3  # bypass: without the projector the loss does move parameters
+        projector = GradientProjector(model, directions, mode).attach()
+        assert gradient_norm() <= TOL * unedited, layer
+        projector.detach()
+
+
+def test_training_loss_matches_a_by_hand_edit(tiny_batch):
+    model = training_model("lora")
+    directions = DirectionSet.random(32, 3, k=1, seed=5)
+
+    def by_hand(layer, hidden):
+        basis = directions.bases[layer]
+        return hidden - (hidden @ basis) @ basis.T
+
+    with block_output_hooks(model, by_hand):
+        expected = float(model(**tiny_batch).loss)
+    unedited = float(model(**tiny_batch).loss)
+    assert abs(unedited - expected) > 1e-4 * abs(expected)  # the edit changes the loss: the check can fail
+    with GradientProjector(model, directions, "ablate"):
+        assert abs(float(model(**tiny_batch).loss) - expected) <= 1e-6 * abs(expected)
+
+
+@pytest.mark.parametrize("mode,kind", [("ablate", "lora"), ("ablate", "full"), ("clamp", "lora")])
+def test_eval_and_no_grad_forwards_are_untouched(mode, kind, tiny_batch):
+    model = training_model(kind)
+    directions = DirectionSet.random(32, 3, k=2, seed=4)
+    model.eval()
+    expected = model(**tiny_batch).logits.detach()
+    with GradientProjector(model, directions, mode):
+        assert torch.equal(model(**tiny_batch).logits.detach(), expected)
+        model.train()
+        with torch.no_grad():  # e.g. DPO's reference pass, or generation inside training
+            assert torch.equal(model(**tiny_batch).logits, expected)
+        assert not torch.equal(model(**tiny_batch).logits.detach(), expected)  # training forward: edited
+
+
+@pytest.mark.parametrize("mode", ["ablate", "clamp"])
+def test_a_no_grad_forward_before_backward_leaves_the_gradient_alone(mode, tiny_batch):
+    """DPO's order under reentrant gradient checkpointing: policy forward, reference forward (train mode, no
+    grad), then backward, whose recomputation must edit the blocks as the policy forward did (clamp keeps its
+    base reference for the recomputation). The gradient must equal the one
+    without the reference forward in between, to 1e-6; the bypass (edits only under grad, the old rule) differs."""
+    directions = DirectionSet.random(32, 3, k=2, seed=6)
+
+    def gradient(reference_pass, rule=None):
+        model = training_model("lora", "reentrant")
+        projector = GradientProjector(model, directions, mode).attach()
+        if rule is not None:
+            projector._edits = rule
+        loss = model(**tiny_batch).loss
+        if reference_pass:
+            with torch.no_grad():
+                model(**tiny_batch)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    expected = gradient(reference_pass=False)
+    assert (gradient(reference_pass=True) - expected).norm() <= TOL * expected.norm()
+    plain = gradient(reference_pass=False, rule=lambda module: module.training and torch.is_grad_enabled())
+    assert (plain - expected).norm() > 1e-3 * expected.norm()  # grad-mode alone misses the first forward
