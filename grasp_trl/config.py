@@ -151,9 +151,10 @@ class GraspArguments:
             "weight update to be orthogonal to them — alone it does NOTHING to the drift in the valid organism "
             "(0.8-0.9x; the frozen blocks still write the factor), its value is as half of both, where it keeps "
             "retention up; clamp (LoRA only): during training hold each block output's component along the "
-            "directions at the base model's value (one extra no-grad forward per step): no larger cut than both "
-            "on the shipped organism draws, at a task and retention cost; ablate: during training remove that "
-            "component (CAFT's mechanism with GRASP's identification; inference untouched, no extra forward): "
+            "directions at the base model's value (one extra no-grad forward per training forward): no larger "
+            "cut than both on the shipped organism draws, at a task and retention cost; ablate: during training "
+            "remove that component (CAFT's mechanism with GRASP's identification; eval and no-grad forwards "
+            "untouched, no extra forward): "
             "the largest cut with the same identified directions on the shipped organism draws (median 2.9x "
             "against both's 1.4x), but not GRASP's own mechanism. Measured in benchmarks/organism/README.md."
         },

@@ -27,9 +27,13 @@ Three mechanisms (DESIGN §1):
   base first (the PEFT adapter disabled, no grad), recording `h_base U` at every hooked block; the training
   forward then clamps to it. The pretrained content along `U_l` stays exactly, and no parameter can gain
   anything by moving it: the gradient of the clamped output along `U_l` is zero, as in `activations`, and in
-  addition the adapter's effect along `U_l` never reaches later blocks. One extra no-grad forward per step;
-  LoRA only (the adapter-disabled forward is the base; full fine-tuning would need a frozen copy of the base).
-  Gradient checkpointing is fine: the recomputed forward clamps to the same recorded reference.
+  addition the adapter's effect along `U_l` never reaches later blocks. One extra no-grad forward per training
+  forward (each micro-batch); LoRA only (the adapter-disabled forward is the base; full fine-tuning would need a
+  frozen copy of the base). Gradient checkpointing is fine when each training forward is followed by its
+  backward before the next training forward (as in TRL's SFT and DPO, gradient accumulation included): the
+  recomputation clamps to the reference recorded for it, which no-grad forwards in between (DPO's reference
+  pass) leave in place. Two training forwards before one backward under checkpointing would recompute the
+  first against the second's reference (the shape check catches only a different shape).
 
 * `ablate` — CAFT's mechanism with GRASP's directions: during training only, each hooked block output loses
   its component along `U_l`: `h <- h - (h U) U^T`. Downstream blocks then never see the directions while the
@@ -38,8 +42,10 @@ Three mechanisms (DESIGN §1):
   fine-tuning alike. Not GRASP's own mechanism (the paper's claim is that projection keeps the pretrained
   content *during* training, which ablation does not); it is here because in the organism benchmark it cut the
   drift more than any projection mode with the same identified directions (benchmarks/organism/README.md).
-  Only forwards in train mode with grad enabled are edited: evaluation, generation and DPO's reference pass
-  are untouched; gradient checkpointing's recomputation ablates again, identically.
+  Edited: block forwards inside a model forward run in train mode with grad enabled (under reentrant gradient
+  checkpointing those run with grad off, hence the model-level flag), and any grad-enabled block forward in
+  train mode (checkpointing's recomputation in backward). Untouched: eval mode, and no-grad forwards in train
+  mode (DPO's reference pass, generation).
 
 All projection math runs in fp32 and is cast back to the tensor's dtype.
 """
@@ -302,7 +308,7 @@ class GradientProjector:
                 self._handles.append(blocks[layer].register_forward_hook(functools.partial(on_output, layer)))
             if self.uses_clamp or self.uses_ablate:
                 self._handles.append(self.model.register_forward_pre_hook(self._enter_forward, with_kwargs=True))
-                self._handles.append(self.model.register_forward_hook(self._exit_forward))
+                self._handles.append(self.model.register_forward_hook(self._exit_forward, always_call=True))
         if self.uses_weights:
             self.constraints = constraints
             self.groups = group_constraints(self.constraints)
@@ -336,6 +342,7 @@ class GradientProjector:
                 constraint.hook = None
         self._handles.clear()
         self._reference = {}
+        self._training_forward = self._capturing = False
         self.constraints, self.monitored, self.groups = [], [], []
         self.attached = False
 

@@ -54,6 +54,18 @@ class GraspDPOConfig(GraspArguments, DPOConfig):
     """`trl.DPOConfig` plus the `grasp_*` keys (see `GraspArguments`)."""
 
 
+def reject_liger_with_forward_edits(args, projection: str) -> None:
+    """Raise, before any step, for `clamp`/`ablate` with `use_liger_kernel`: TRL's Liger DPO loss calls the
+    decoder backbone directly, past the model-level hooks that decide which forwards the edit applies to, so
+    the edit would be skipped or applied to the recomputation only (a wrong gradient)."""
+    if projection in ("clamp", "ablate") and getattr(args, "use_liger_kernel", False):
+        raise ValueError(
+            f"grasp_projection={projection}: not supported with use_liger_kernel=True (TRL's Liger loss calls the "
+            "decoder backbone directly, bypassing the model-level hooks the edit is decided in); use "
+            "'activations' or 'both', or set use_liger_kernel=False"
+        )
+
+
 def _rng_state() -> dict:
     return {
         "python": random.getstate(),
@@ -124,6 +136,7 @@ class GraspTrainerMixin:
             return
         # fail at construction, before stage 1 or any FSDP wrapping
         reject_fsdp(self.args, getattr(self, "accelerator", None), grasp_args.grasp_projection)
+        reject_liger_with_forward_edits(self.args, grasp_args.grasp_projection)
         self.grasp_callback.fsdp_checked = True
         check_target_modules(self.model, grasp_args.grasp_target_modules)
         if grasp_args.grasp_directions is not None:

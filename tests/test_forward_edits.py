@@ -100,19 +100,38 @@ def test_eval_and_no_grad_forwards_are_untouched(mode, kind, tiny_batch):
         assert not torch.equal(model(**tiny_batch).logits.detach(), expected)  # training forward: edited
 
 
+def _old_rule(projector):
+    """The first implementation's behaviour, for the bypass: a block is edited only under grad, and (clamp) any
+    forward that is not a training one clears the base reference."""
+    enter = projector._enter_forward
+
+    def clearing_enter(model, args, kwargs):
+        enter(model, args, kwargs)
+        if not projector._training_forward:
+            projector._reference = {}
+
+    projector._edits = lambda module: module.training and torch.is_grad_enabled()
+    for index, handle in enumerate(projector._handles):  # re-register the model pre-hook with the old behaviour
+        if getattr(handle, "id", None) in projector.model._forward_pre_hooks:
+            handle.remove()
+            projector._handles[index] = projector.model.register_forward_pre_hook(clearing_enter, with_kwargs=True)
+
+
 @pytest.mark.parametrize("mode", ["ablate", "clamp"])
-def test_a_no_grad_forward_before_backward_leaves_the_gradient_alone(mode, tiny_batch):
-    """DPO's order under reentrant gradient checkpointing: policy forward, reference forward (train mode, no
-    grad), then backward, whose recomputation must edit the blocks as the policy forward did (clamp keeps its
-    base reference for the recomputation). The gradient must equal the one
-    without the reference forward in between, to 1e-6; the bypass (edits only under grad, the old rule) differs."""
+@pytest.mark.parametrize("checkpointing", ["reentrant", "non_reentrant"])
+def test_a_no_grad_forward_before_backward_leaves_the_gradient_alone(mode, checkpointing, tiny_batch):
+    """DPO's order under gradient checkpointing: policy forward, reference forward (train mode, no grad), then
+    backward, whose recomputation must edit the blocks as the policy forward did. The gradient must equal the
+    one of the same step without checkpointing and without the reference forward, to 1e-6 relative. The bypass
+    (the first implementation's rule) gives a wrong gradient under reentrant checkpointing and, for clamp, a
+    CheckpointError under non-reentrant (the recomputation was unclamped)."""
     directions = DirectionSet.random(32, 3, k=2, seed=6)
 
-    def gradient(reference_pass, rule=None):
-        model = training_model("lora", "reentrant")
+    def gradient(checkpointing, reference_pass, old=False):
+        model = training_model("lora", checkpointing)
         projector = GradientProjector(model, directions, mode).attach()
-        if rule is not None:
-            projector._edits = rule
+        if old:
+            _old_rule(projector)
         loss = model(**tiny_batch).loss
         if reference_pass:
             with torch.no_grad():
@@ -120,7 +139,24 @@ def test_a_no_grad_forward_before_backward_leaves_the_gradient_alone(mode, tiny_
         loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
-    expected = gradient(reference_pass=False)
-    assert (gradient(reference_pass=True) - expected).norm() <= TOL * expected.norm()
-    plain = gradient(reference_pass=False, rule=lambda module: module.training and torch.is_grad_enabled())
-    assert (plain - expected).norm() > 1e-3 * expected.norm()  # grad-mode alone misses the first forward
+    expected = gradient(None, reference_pass=False)
+    assert (gradient(checkpointing, reference_pass=True) - expected).norm() <= TOL * expected.norm()
+    if mode == "clamp" and checkpointing == "non_reentrant":  # the old clamp's recomputation differed: a crash
+        with pytest.raises(torch.utils.checkpoint.CheckpointError):
+            gradient(checkpointing, reference_pass=True, old=True)
+    elif checkpointing == "reentrant":  # there the old rule gave a wrong gradient (ablate's was right otherwise)
+        bypass = gradient(checkpointing, reference_pass=True, old=True)
+        assert (bypass - expected).norm() > 1e-3 * expected.norm()
+
+
+@pytest.mark.parametrize("mode", ["clamp", "ablate"])
+def test_liger_kernel_is_refused_with_the_alternative(mode):
+    """TRL's Liger DPO loss bypasses the model-level hooks; the trainers refuse it up front, naming the way out."""
+    from types import SimpleNamespace
+
+    from grasp_trl.trainer import reject_liger_with_forward_edits
+
+    with pytest.raises(ValueError, match=rf"grasp_projection={mode}: not supported with use_liger_kernel.*'both'"):
+        reject_liger_with_forward_edits(SimpleNamespace(use_liger_kernel=True), mode)
+    reject_liger_with_forward_edits(SimpleNamespace(use_liger_kernel=False), mode)
+    reject_liger_with_forward_edits(SimpleNamespace(use_liger_kernel=True), "both")  # its hooks are on the blocks

@@ -247,7 +247,8 @@ def block_outputs_of(model, batch) -> dict[int, torch.Tensor]:
 @pytest.mark.parametrize("kind,checkpointing", [("sft", False), ("sft", True), ("dpo", False), ("dpo", True)])
 def test_forward_edit_modes_in_the_trainers(mode, kind, checkpointing, base, directions_file, tmp_path):
     """clamp and ablate through TRL's own forward (SFT, DPO with its adapter-disabled reference pass between the
-    policy forward and backward, reentrant gradient checkpointing): the loss falls, and on the trained model a
+    policy forward and backward, gradient checkpointing as transformers defaults to, non-reentrant, under which
+    the first clamp crashed in DPO): the loss falls, and on the trained model a
     training forward's block outputs along U are the base's (clamp) or zero (ablate) to 1e-6 of |h|."""
     trainer = run(
         kind,
