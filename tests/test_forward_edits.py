@@ -122,16 +122,17 @@ def _old_rule(projector):
 def test_a_no_grad_forward_before_backward_leaves_the_gradient_alone(mode, checkpointing, tiny_batch):
     """DPO's order under gradient checkpointing: policy forward, reference forward (train mode, no grad), then
     backward, whose recomputation must edit the blocks as the policy forward did. The gradient must equal the
-    one of the same step without checkpointing and without the reference forward, to 1e-6 relative. The bypass
-    (the first implementation's rule) gives a wrong gradient under reentrant checkpointing and, for clamp, a
-    CheckpointError under non-reentrant (the recomputation was unclamped)."""
+    one of the same step without checkpointing and without the reference forward, to 1e-6 relative. Bypasses:
+    the step without the edit, and the first implementation's rule where it was wrong."""
     directions = DirectionSet.random(32, 3, k=2, seed=6)
 
-    def gradient(checkpointing, reference_pass, old=False):
+    def gradient(checkpointing, reference_pass, old=False, rule=None):
         model = training_model("lora", checkpointing)
         projector = GradientProjector(model, directions, mode).attach()
         if old:
             _old_rule(projector)
+        if rule is not None:
+            projector._edits = rule
         loss = model(**tiny_batch).loss
         if reference_pass:
             with torch.no_grad():
@@ -141,22 +142,25 @@ def test_a_no_grad_forward_before_backward_leaves_the_gradient_alone(mode, check
 
     expected = gradient(None, reference_pass=False)
     assert (gradient(checkpointing, reference_pass=True) - expected).norm() <= TOL * expected.norm()
-    if mode == "clamp" and checkpointing == "non_reentrant":  # the old clamp's recomputation differed: a crash
-        with pytest.raises(torch.utils.checkpoint.CheckpointError):
-            gradient(checkpointing, reference_pass=True, old=True)
-    elif checkpointing == "reentrant":  # there the old rule gave a wrong gradient (ablate's was right otherwise)
-        bypass = gradient(checkpointing, reference_pass=True, old=True)
-        assert (bypass - expected).norm() > 1e-3 * expected.norm()
+
+    def wrong(**bypass):
+        try:
+            return (gradient(checkpointing, reference_pass=True, **bypass) - expected).norm() > 1e-3 * expected.norm()
+        except torch.utils.checkpoint.CheckpointError:  # the recomputation differed from the forward
+            return True
+
+    assert wrong(rule=lambda module: False)  # bypass: a step without the edit fails the check
+    # the first implementation's rule, replayed, fails it where the blocks' first forward runs with grad off
+    # (torch's reentrant checkpointing; transformers 5.24 no longer checkpoints this tiny Llama that way, and
+    # there the old rule was right). Under non-reentrant checkpointing with transformers 5.16 the old clamp also
+    # failed (CheckpointError in DPO, tests/test_trainer.py); not asserted here, as it depends on the versions.
+    if first_block_forward_without_grad(checkpointing, tiny_batch):
+        assert wrong(old=True)
 
 
-@pytest.mark.parametrize("mode", ["clamp", "ablate"])
-def test_liger_kernel_is_refused_with_the_alternative(mode):
-    """TRL's Liger DPO loss bypasses the model-level hooks; the trainers refuse it up front, naming the way out."""
-    from types import SimpleNamespace
-
-    from grasp_trl.trainer import reject_liger_with_forward_edits
-
-    with pytest.raises(ValueError, match=rf"grasp_projection={mode}: not supported with use_liger_kernel.*'both'"):
-        reject_liger_with_forward_edits(SimpleNamespace(use_liger_kernel=True), mode)
-    reject_liger_with_forward_edits(SimpleNamespace(use_liger_kernel=False), mode)
-    reject_liger_with_forward_edits(SimpleNamespace(use_liger_kernel=True), "both")  # its hooks are on the blocks
+def first_block_forward_without_grad(checkpointing, batch) -> bool:
+    """Whether a training forward of the tiny LoRA model runs its blocks with grad disabled."""
+    model, modes = training_model("lora", checkpointing), []
+    with block_output_hooks(model, lambda layer, hidden: modes.append(torch.is_grad_enabled())):
+        model(**batch)
+    return not all(modes)
