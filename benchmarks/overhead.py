@@ -56,6 +56,7 @@ from transformers import TrainerCallback  # noqa: E402  (after the offline envir
 from grasp_trl.tiny import SEVEN_MODULES  # noqa: E402
 
 VARIANTS = ("plain", "activations", "weights", "both", "clamp", "ablate")
+MODES = VARIANTS[1:]  # every variant but the plain trainer
 
 
 @dataclass(frozen=True)
@@ -289,7 +290,7 @@ def median_interval(values: list[float], resamples: int = 2000, seed: int = 0) -
     return percentile(medians, 0.025), percentile(medians, 0.975)
 
 
-def measure_toggled(size: ModelSize, pairs: int, warmup: int, k: int, workdir: Path, modes=VARIANTS[1:]) -> dict:
+def measure_toggled(size: ModelSize, pairs: int, warmup: int, k: int, workdir: Path, modes=MODES) -> dict:
     """Per mode, one run alternating plain and GRASP steps; each GRASP step against its two plain neighbours."""
     base = base_model_for(size)
     first = warmup + 1 if warmup % 2 == 0 else warmup + 2  # first GRASP (odd) step after a plain, warm step
@@ -486,9 +487,8 @@ def plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     models = results["models"]
-    modes = VARIANTS[1:]
-    for index, variant in enumerate(modes):
-        offset, color = 0.1 * (index - (len(modes) - 1) / 2), f"C{index}"
+    for index, variant in enumerate(MODES):
+        offset, color = 0.1 * (index - (len(MODES) - 1) / 2), f"C{index}"
         xs, separate, within, lows, highs, attributed = [], [], [], [], [], []
         for entry in models:
             stats = entry["variants"].get(variant)
@@ -600,8 +600,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--variants",
-        default=",".join(VARIANTS[1:]),
-        help="comma-separated GRASP modes to measure against plain (default: all of " + ", ".join(VARIANTS[1:]) + ")",
+        default=",".join(MODES),
+        help="comma-separated GRASP modes to measure against plain (default: all of " + ", ".join(MODES) + ")",
     )
     parser.add_argument("--k", type=int, default=3, help="directions per layer")
     parser.add_argument("--memory-steps", type=int, default=2, help="steps of the per-variant memory runs; 0 skips")
@@ -630,8 +630,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.warmup >= args.steps:
         parser.error(f"--warmup ({args.warmup}) must be smaller than --steps ({args.steps})")
     modes = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    if not modes or any(v not in VARIANTS[1:] for v in modes):
-        parser.error(f"--variants: expected some of {list(VARIANTS[1:])}, found {list(modes)}")
+    if not modes or any(v not in MODES for v in modes):
+        parser.error(f"--variants: expected some of {list(MODES)}, found {list(modes)}")
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     if any(s not in SIZES for s in sizes):
         parser.error(f"--sizes: expected some of {list(SIZES)}, found {sizes}")

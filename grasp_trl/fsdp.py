@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .projection import FORWARD_EDITS
+
 
 def is_dtensor(x) -> bool:
     """True for a DTensor (an FSDP2 parameter, or its gradient)."""
@@ -173,7 +175,7 @@ def reject_fsdp(args, accelerator=None, projection: str | None = None) -> None:
             "fsdp_version: 2, see recipes/accelerate/fsdp2.yaml) or DeepSpeed ZeRO-3 "
             "(deepspeed=recipes/deepspeed/zero3.json; see docs/SUPPORT.md)."
         )
-    if projection in ("clamp", "ablate"):
+    if projection in FORWARD_EDITS:
         raise ValueError(
             f"GRASP: grasp_projection='{projection}' is not supported under FSDP (its block-output edit, "
             "decided in the root forward's hooks, is untested with fully_shard); use 'activations' or "

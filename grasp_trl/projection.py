@@ -66,6 +66,7 @@ from .modules import check_target_modules, decoder_blocks
 
 Projection = Literal["activations", "weights", "both", "clamp", "ablate"]
 PROJECTIONS = ("activations", "weights", "both", "clamp", "ablate")
+FORWARD_EDITS = ("clamp", "ablate")  # the modes that edit block outputs in training forwards
 
 
 def remove_component(
@@ -280,8 +281,8 @@ class GradientProjector:
         return self.projection == "clamp"
 
     @property
-    def uses_ablate(self) -> bool:
-        return self.projection == "ablate"
+    def edits_forward(self) -> bool:
+        return self.projection in FORWARD_EDITS
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def attach(self) -> GradientProjector:
@@ -292,7 +293,7 @@ class GradientProjector:
             self.attached = True
             return self
         constraints = self.check_constrainable()  # before any hook exists
-        if self.uses_activations or self.uses_clamp or self.uses_ablate:
+        if self.uses_activations or self.edits_forward:
             if self.uses_clamp and not hasattr(self.model, "disable_adapter"):
                 raise ValueError(
                     "projection='clamp' needs a PEFT (LoRA/QLoRA) model: the base model's forward is "
@@ -301,12 +302,10 @@ class GradientProjector:
                     "base; use 'activations' or 'both' there)"
                 )
             blocks = decoder_blocks(self.model)
-            on_output = {"clamp": self._clamp_block_output, "ablate": self._ablate_block_output}.get(
-                self.projection, self._on_block_output
-            )
+            on_output = self._edit_block_output if self.edits_forward else self._on_block_output
             for layer in self.directions.bases:
                 self._handles.append(blocks[layer].register_forward_hook(functools.partial(on_output, layer)))
-            if self.uses_clamp or self.uses_ablate:
+            if self.edits_forward:
                 self._handles.append(self.model.register_forward_pre_hook(self._enter_forward, with_kwargs=True))
                 self._handles.append(self.model.register_forward_hook(self._exit_forward, always_call=True))
         if self.uses_weights:
@@ -407,7 +406,9 @@ class GradientProjector:
             self._capturing = False
 
     @_timed
-    def _clamp_block_output(self, layer, module, args, output):
+    def _edit_block_output(self, layer, module, args, output):
+        """`h - (h U - c) U^T` on a training forward's block output: `c` the recorded `h_base U` (clamp) or none
+        (ablate). During clamp's base forward, record `h_base U` instead."""
         hidden = output[0] if isinstance(output, tuple) else output
         if not isinstance(hidden, torch.Tensor):
             return None
@@ -415,20 +416,12 @@ class GradientProjector:
         if self._capturing:
             self._reference[layer] = hidden.float() @ basis
             return None
-        reference = self._reference.get(layer)
-        if not self._edits(module) or reference is None or reference.shape[:-1] != hidden.shape[:-1]:
+        anchor = self._reference.get(layer) if self.uses_clamp else None
+        if not self._edits(module) or (self.uses_clamp and (anchor is None or anchor.shape[:-1] != hidden.shape[:-1])):
             return None
-        clamped = (hidden.float() - (hidden.float() @ basis - reference) @ basis.T).to(hidden.dtype)
-        return (clamped,) + tuple(output[1:]) if isinstance(output, tuple) else clamped
-
-    @_timed
-    def _ablate_block_output(self, layer, module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        if not (isinstance(hidden, torch.Tensor) and self._edits(module)):
-            return None
-        basis = self._basis(layer, hidden.device)
-        ablated = (hidden.float() - (hidden.float() @ basis) @ basis.T).to(hidden.dtype)
-        return (ablated,) + tuple(output[1:]) if isinstance(output, tuple) else ablated
+        along = hidden.float() @ basis
+        edited = (hidden.float() - (along if anchor is None else along - anchor) @ basis.T).to(hidden.dtype)
+        return (edited,) + tuple(output[1:]) if isinstance(output, tuple) else edited
 
     # ---------------------------------------------------------------------------------------------- stats
     def _record(self, kind: str, total: torch.Tensor, removed: torch.Tensor) -> None:

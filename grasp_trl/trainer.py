@@ -38,7 +38,7 @@ from .fsdp import reject_fsdp
 from .identify import check_k_fits, identify_from
 from .lora import residual_lora_modules
 from .modules import check_target_modules, hidden_size, num_hidden_layers
-from .projection import GradientProjector
+from .projection import FORWARD_EDITS, GradientProjector
 from .stopping import GapRule
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def reject_liger_with_forward_edits(args, projection: str) -> None:
     """Raise, before any step, for `clamp`/`ablate` with `use_liger_kernel`: TRL's Liger DPO loss calls the
     decoder backbone directly, past the model-level hooks that decide which forwards the edit applies to, so
     the edit would be skipped or applied to the recomputation only (a wrong gradient)."""
-    if projection in ("clamp", "ablate") and getattr(args, "use_liger_kernel", False):
+    if projection in FORWARD_EDITS and getattr(args, "use_liger_kernel", False):
         raise ValueError(
             f"grasp_projection={projection}: not supported with use_liger_kernel=True (TRL's Liger loss calls the "
             "decoder backbone directly, bypassing the model-level hooks the edit is decided in); use "

@@ -14,35 +14,16 @@ import pytest
 import torch
 
 from grasp_trl.directions import DirectionSet
-from grasp_trl.modules import decoder_blocks
 from grasp_trl.projection import GradientProjector
 from grasp_trl.tiny import build_model
-from testing_utils import training_model
+from testing_utils import block_outputs, training_model
 
 TOL = 1e-6
 
 
-def block_outputs(model, batch) -> dict[int, torch.Tensor]:
-    """Each block's output on the *last* forward the model runs for `batch` (the training one: the clamp's
-    reference forward runs first, inside the model's pre-hook)."""
-    captured, handles = {}, []
-    for layer, block in enumerate(decoder_blocks(model)):
-
-        def hook(module, args, output, layer=layer):
-            captured[layer] = output[0] if isinstance(output, tuple) else output
-
-        handles.append(block.register_forward_hook(hook))
-    try:
-        model(input_ids=batch["input_ids"])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
 def base_outputs(model, batch):
     with torch.no_grad(), model.disable_adapter():
-        return {l: h.detach() for l, h in block_outputs(model, batch).items()}
+        return {l: h.detach() for l, h in block_outputs(model, batch["input_ids"]).items()}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -51,9 +32,9 @@ def test_component_along_u_is_the_base_one_and_the_rest_is_the_adapters(seed, ch
     model = training_model("lora", checkpointing, seed)
     directions = DirectionSet.random(32, 3, k=2, seed=10 + seed)
     reference = base_outputs(model, tiny_batch)
-    unclamped = {l: h.detach() for l, h in block_outputs(model, tiny_batch).items()}
+    unclamped = {l: h.detach() for l, h in block_outputs(model, tiny_batch["input_ids"]).items()}
     projector = GradientProjector(model, directions, "clamp").attach()
-    clamped = block_outputs(model, tiny_batch)
+    clamped = block_outputs(model, tiny_batch["input_ids"])
     for layer, basis in directions.bases.items():
         along, along_base = clamped[layer] @ basis, reference[layer] @ basis
         # fp32 rounding of `h - (h U - c) U^T` is relative to |h|, not to the (smaller) |h U|
@@ -63,7 +44,7 @@ def test_component_along_u_is_the_base_one_and_the_rest_is_the_adapters(seed, ch
         if layer == 0:  # block 0's input is the embedding: its unclamped part is the adapter's own output
             assert (rest - rest_unclamped).norm() <= 1e-5 * rest_unclamped.norm()
     projector.detach()
-    bypass = block_outputs(model, tiny_batch)
+    bypass = block_outputs(model, tiny_batch["input_ids"])
     assert all(
         ((bypass[l] - reference[l]) @ b).norm() > 1e-3 * (reference[l] @ b).norm() for l, b in directions.bases.items()
     )  # the adapter does move h along U: the check can fail

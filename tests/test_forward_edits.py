@@ -16,17 +16,9 @@ import torch
 from grasp_trl.directions import DirectionSet
 from grasp_trl.modules import block_output_hooks
 from grasp_trl.projection import GradientProjector
-from testing_utils import training_model
+from testing_utils import block_outputs, training_model
 
 TOL = 1e-6
-
-
-def outputs(model, batch) -> dict[int, torch.Tensor]:
-    """Each block's output as the next block sees it (hooks registered after the projector's run after it)."""
-    captured = {}
-    with block_output_hooks(model, lambda layer, hidden: captured.__setitem__(layer, hidden)):
-        model(input_ids=batch["input_ids"])
-    return captured
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -34,16 +26,16 @@ def outputs(model, batch) -> dict[int, torch.Tensor]:
 def test_component_along_u_is_removed_and_the_rest_kept(seed, checkpointing, tiny_batch):
     model = training_model("lora", checkpointing, seed)
     directions = DirectionSet.random(32, 3, k=2, seed=10 + seed)
-    unedited = {l: h.detach() for l, h in outputs(model, tiny_batch).items()}
+    unedited = {l: h.detach() for l, h in block_outputs(model, tiny_batch["input_ids"]).items()}
     projector = GradientProjector(model, directions, "ablate").attach()
-    ablated = outputs(model, tiny_batch)
+    ablated = block_outputs(model, tiny_batch["input_ids"])
     for layer, basis in directions.bases.items():
         assert (ablated[layer] @ basis).norm() <= TOL * ablated[layer].norm(), layer
     basis = directions.bases[0]  # block 0 reads the embedding: its complement is its own unedited output's
     rest = unedited[0] - (unedited[0] @ basis) @ basis.T
     assert (ablated[0] - rest).norm() <= 1e-5 * rest.norm()
     projector.detach()
-    bypass = outputs(model, tiny_batch)
+    bypass = block_outputs(model, tiny_batch["input_ids"])
     assert all((bypass[l] @ b).norm() > 1e-3 * bypass[l].norm() for l, b in directions.bases.items())
 
 
@@ -58,7 +50,7 @@ def test_loss_through_u_moves_no_parameter(mode, kind, checkpointing, tiny_batch
 
         def gradient_norm():
             model.zero_grad(set_to_none=True)
-            readout = outputs(model, tiny_batch)[layer] @ basis
+            readout = block_outputs(model, tiny_batch["input_ids"])[layer] @ basis
             (readout.pow(2) + readout).sum().backward()
             grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
             return sum(float(g.norm()) ** 2 for g in grads) ** 0.5

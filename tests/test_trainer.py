@@ -13,7 +13,7 @@ from grasp_trl.config import DIRECTIONS_FILENAME, STAGE1_DIRNAME
 from grasp_trl.directions import DirectionFileError, DirectionSet
 from grasp_trl.modules import decoder_blocks
 from grasp_trl.trainer import GraspDPOConfig, GraspDPOTrainer, GraspSFTConfig, GraspSFTTrainer
-from testing_utils import saved_lora_leakage
+from testing_utils import block_outputs, saved_lora_leakage
 from trainer_fixtures import dpo_dataset, lora_config, make_base, sft_dataset
 
 TOL = 1e-6
@@ -227,22 +227,6 @@ def test_identify_auto_stops_by_the_rule_and_equals_stage2_from_saved_file(base,
     assert one_call.state.global_step == 10
 
 
-def block_outputs_of(model, batch) -> dict[int, torch.Tensor]:
-    captured = {}
-    handles = [
-        block.register_forward_hook(
-            lambda m, a, out, l=l: captured.__setitem__(l, out[0] if isinstance(out, tuple) else out)
-        )
-        for l, block in enumerate(decoder_blocks(model))
-    ]
-    try:
-        model(input_ids=batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
 @pytest.mark.parametrize("mode", ["clamp", "ablate"])
 @pytest.mark.parametrize("kind,checkpointing", [("sft", False), ("sft", True), ("dpo", False), ("dpo", True)])
 def test_forward_edit_modes_in_the_trainers(mode, kind, checkpointing, base, directions_file, tmp_path):
@@ -265,15 +249,15 @@ def test_forward_edit_modes_in_the_trainers(mode, kind, checkpointing, base, dir
     batch = torch.randint(4, 90, (2, 10), generator=torch.Generator().manual_seed(0))
     model.train()
     with torch.no_grad(), model.disable_adapter():
-        reference = block_outputs_of(model, batch)
+        reference = block_outputs(model, batch)
     if mode == "ablate":
         reference = {l: torch.zeros_like(h) for l, h in reference.items()}
-    edited = block_outputs_of(model, batch)
+    edited = block_outputs(model, batch)
     for layer, basis in directions.bases.items():
         error = ((edited[layer] - reference[layer]) @ basis).norm()
         assert error <= TOL * edited[layer].norm(), (layer, float(error))
     trainer.grasp_projector.detach()  # bypass: the trained model does put its own content along U
-    plain = block_outputs_of(model, batch)
+    plain = block_outputs(model, batch)
     assert any(((plain[l] - reference[l]) @ b).norm() > 1e-3 * plain[l].norm() for l, b in directions.bases.items())
 
 

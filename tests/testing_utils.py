@@ -36,6 +36,18 @@ def randomise_lora_b(model, seed=0, scale=0.1):
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
 
 
+def block_outputs(model, input_ids) -> dict[int, torch.Tensor]:
+    """Each block's output on the *last* forward the model runs for `input_ids` (for clamp, the training one:
+    its reference forward runs first, inside the model's pre-hook), as the next block sees it: these hooks are
+    registered after any projector's, so they run after its edit."""
+    from grasp_trl.modules import block_output_hooks
+
+    captured = {}
+    with block_output_hooks(model, lambda layer, hidden: captured.__setitem__(layer, hidden)):
+        model(input_ids=input_ids)
+    return captured
+
+
 def training_model(kind="lora", checkpointing=None, seed=0):
     """A tiny 3-block model in train mode: LoRA with a non-zero update (`kind="lora"`) or a plain model
     (`"full"`), with gradient checkpointing (`"reentrant"`/`"non_reentrant"`) when asked."""
